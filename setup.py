@@ -1,0 +1,68 @@
+"""Builds the align2nat extension `tensormask._C`.
+
+The build is switched explicitly, never guessed from the machine:
+  TENSORMASK_CUDA=1        also compile the CUDA kernels (needs CUDA_HOME / nvcc); 0 = CPU only (default)
+  TORCH_CUDA_ARCH_LIST     the GPU architectures to compile for, e.g. "9.0" or "8.0;9.0+PTX"
+  TENSORMASK_NO_EXTENSION=1  build nothing (the package then runs on the pure-PyTorch reference)
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("src", "tensormask", "ops", "csrc")
+
+
+def _flag(name: str) -> bool:
+    value = os.environ.get(name, "0").strip().lower()
+    if value not in {"0", "1", "true", "false", "yes", "no", ""}:
+        raise SystemExit(f"{name}={value!r}: expected 0 or 1")
+    return value in {"1", "true", "yes"}
+
+
+def _extensions():
+    if _flag("TENSORMASK_NO_EXTENSION"):
+        print("[tensormask build] TENSORMASK_NO_EXTENSION=1: no extension, pure-PyTorch reference only", file=sys.stderr)
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    extra = {"cxx": cxx_flags}
+    with_cuda = _flag("TENSORMASK_CUDA")
+    if with_cuda:
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ:
+            raise SystemExit("TENSORMASK_CUDA=1 needs an explicit TORCH_CUDA_ARCH_LIST (for example '9.0')")
+        sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+        include_dirs = []
+        # The pip CUDA wheels carry headers (cusparse.h, ...) that a trimmed toolkit may lack.
+        import torch
+
+        site = os.path.dirname(os.path.dirname(torch.__file__))
+        cu_include = os.path.join(site, "nvidia", "cu13", "include")
+        if os.path.isdir(cu_include):
+            include_dirs.append(cu_include)
+        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DWITH_CUDA"]
+        extra["cxx"] = cxx_flags + ["-DWITH_CUDA"]
+        ext = CUDAExtension(
+            "tensormask._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
+            extra_link_args=["-fopenmp"], py_limited_api=True,
+        )
+    else:
+        ext = CppExtension(
+            "tensormask._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"], py_limited_api=True,
+        )
+    print(
+        f"[tensormask build] extension tensormask._C: CPU kernels yes, CUDA kernels "
+        f"{'yes, archs ' + os.environ['TORCH_CUDA_ARCH_LIST'] if with_cuda else 'no'}; "
+        f"{len(sources)} sources",
+        file=sys.stderr,
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass, options={"bdist_wheel": {"py_limited_api": "cp39"}})
