@@ -1,0 +1,243 @@
+"""Pictures: detections drawn on images, two models side by side (the paper's Figs. 10-11), PR curves.
+
+Following appendix A.5, pictures show the detections whose CALIBRATED score (precision, see
+`ScoreCalibration`) is >= 0.6 when a calibration is given, so two models are compared at one
+threshold; without a calibration the raw score is thresholded instead.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from tensormask.evaluation.calibration import ScoreCalibration, average_precision_of
+from tensormask.structures import Detections
+
+DEFAULT_CALIBRATED_THRESHOLD = 0.6
+DEFAULT_SCORE_THRESHOLD = 0.5
+
+
+def class_colour(label: int) -> tuple[int, int, int]:
+    """A stable, well separated colour per class (golden-ratio hue steps)."""
+    h = (label * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(h, 0.75, 1.0)
+    return int(255 * r), int(255 * g), int(255 * b)
+
+
+def _to_uint8_chw(image: torch.Tensor | np.ndarray | Image.Image) -> torch.Tensor:
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(image.copy())
+        if image.ndim == 3 and image.shape[-1] == 3:
+            image = image.permute(2, 0, 1)
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected an RGB image (3, H, W) or (H, W, 3), got shape {tuple(image.shape)}")
+    if image.dtype != torch.uint8:
+        image = image.float().clamp(0, 255).round().to(torch.uint8)
+    return image.cpu()
+
+
+def select(
+    detections: Detections,
+    *,
+    calibration: ScoreCalibration | None = None,
+    threshold: float | None = None,
+) -> tuple[Detections, torch.Tensor]:
+    """The detections shown in a picture and the score printed beside each.
+
+    With a calibration: calibrated score >= `threshold` (default 0.6), printed calibrated.
+    Without: raw score >= `threshold` (default 0.5).
+    """
+    scores = detections.scores.detach().cpu().float()
+    labels = detections.labels.detach().cpu()
+    if calibration is not None:
+        scores = calibration.apply(labels, scores)
+        threshold = DEFAULT_CALIBRATED_THRESHOLD if threshold is None else threshold
+    else:
+        threshold = DEFAULT_SCORE_THRESHOLD if threshold is None else threshold
+    keep = scores >= threshold
+    kept = Detections(
+        boxes=detections.boxes.detach().cpu()[keep],
+        scores=detections.scores.detach().cpu()[keep],
+        labels=labels[keep],
+        masks=None if detections.masks is None else detections.masks.detach().cpu()[keep],
+    )
+    return kept, scores[keep]
+
+
+def draw_detections(
+    image: torch.Tensor | np.ndarray | Image.Image,
+    detections: Detections,
+    class_names: Sequence[str] | None = None,
+    *,
+    calibration: ScoreCalibration | None = None,
+    score_threshold: float | None = None,
+    mask_alpha: float = 0.5,
+    draw_boxes: bool = True,
+    path: str | os.PathLike | None = None,
+) -> torch.Tensor:
+    """Draw masks, boxes, class names and scores on an image.
+
+    Args:
+        image: RGB uint8 (3, H, W) tensor, (H, W, 3) array or PIL image, in the detections' pixels
+            (the ORIGINAL image, as `Detections` are).
+        detections: boxes (D, 4) xyxy, scores (D,), labels (D,), masks (D, H, W) or None.
+        class_names: names of the contiguous labels (default: the label number).
+        calibration: map scores to precision and threshold those (A.5); the printed score is then
+            the calibrated one.
+        score_threshold: threshold on the (calibrated, if given) score; default 0.6 calibrated,
+            0.5 raw.
+        path: also save the picture as PNG there.
+
+    Returns the picture, uint8 (3, H, W).
+    """
+    canvas = _to_uint8_chw(image)
+    h, w = canvas.shape[-2:]
+    kept, shown = select(detections, calibration=calibration, threshold=score_threshold)
+    out = canvas.permute(1, 2, 0).numpy().astype(np.float32)
+    # largest first, so small objects stay visible on top
+    order = torch.argsort((kept.boxes[:, 2] - kept.boxes[:, 0]) * (kept.boxes[:, 3] - kept.boxes[:, 1]), descending=True)
+    if kept.masks is not None and len(kept):
+        if tuple(kept.masks.shape[-2:]) != (h, w):
+            raise ValueError(f"masks are {tuple(kept.masks.shape[-2:])} but the image is {(h, w)}")
+        for i in order.tolist():
+            m = kept.masks[i].numpy().astype(bool)
+            colour = np.asarray(class_colour(int(kept.labels[i])), dtype=np.float32)
+            out[m] = (1 - mask_alpha) * out[m] + mask_alpha * colour
+    picture = Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default()
+    for i in order.tolist():
+        label = int(kept.labels[i])
+        colour = class_colour(label)
+        x0, y0, x1, y1 = (float(v) for v in kept.boxes[i])
+        if draw_boxes:
+            draw.rectangle([x0, y0, x1, y1], outline=colour, width=max(1, round(min(h, w) / 300)))
+        name = class_names[label] if class_names is not None and label < len(class_names) else str(label)
+        text = f"{name} {float(shown[i]):.2f}"
+        tx, ty = x0, max(0.0, y0 - 11)
+        bbox = draw.textbbox((tx, ty), text, font=font)
+        draw.rectangle(bbox, fill=(0, 0, 0))
+        draw.text((tx, ty), text, fill=colour, font=font)
+    result = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
+    if path is not None:
+        save_png(result, path)
+    return result
+
+
+def save_png(picture: torch.Tensor, path: str | os.PathLike) -> Path:
+    """uint8 (3, H, W) -> PNG file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture.permute(1, 2, 0).numpy()).save(path)
+    return path
+
+
+def side_by_side(
+    images: Sequence[torch.Tensor | np.ndarray | Image.Image],
+    detections_a: Sequence[Detections],
+    detections_b: Sequence[Detections],
+    class_names: Sequence[str] | None = None,
+    *,
+    names: tuple[str, str] = ("model A", "model B"),
+    calibrations: tuple[ScoreCalibration | None, ScoreCalibration | None] = (None, None),
+    score_threshold: float | None = None,
+    height: int = 256,
+    gap: int = 4,
+    path: str | os.PathLike | None = None,
+) -> torch.Tensor:
+    """Two models on the same images, as the paper's Figs. 10-11: model A on the top row, B below.
+
+    Each image is drawn with `draw_detections` (calibrated threshold 0.6 where a model has a
+    calibration) and scaled to `height` pixels; a label names each row. Returns uint8 (3, H, W).
+    """
+    if not (len(images) == len(detections_a) == len(detections_b)) or not images:
+        raise ValueError(f"need as many detections as images, got {len(images)}, {len(detections_a)}, {len(detections_b)}")
+    rows = []
+    for dets, calibration in ((detections_a, calibrations[0]), (detections_b, calibrations[1])):
+        tiles = []
+        for image, det in zip(images, dets):
+            pic = draw_detections(image, det, class_names, calibration=calibration, score_threshold=score_threshold)
+            pil = Image.fromarray(pic.permute(1, 2, 0).numpy())
+            scale = height / pil.height
+            tiles.append(pil.resize((max(1, round(pil.width * scale)), height), Image.BILINEAR))
+        rows.append(tiles)
+    label_w = 70
+    width = label_w + max(sum(t.width for t in row) + gap * (len(row) - 1) for row in rows)
+    canvas = Image.new("RGB", (width, 2 * height + gap), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, (row, name) in enumerate(zip(rows, names)):
+        y = r * (height + gap)
+        draw.text((4, y + height // 2 - 5), str(name)[:11], fill=(0, 0, 0), font=ImageFont.load_default())
+        x = label_w
+        for tile in row:
+            canvas.paste(tile, (x, y))
+            x += tile.width + gap
+    result = torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)
+    if path is not None:
+        save_png(result, path)
+    return result
+
+
+def plot_pr_curves(
+    calibration: ScoreCalibration,
+    path: str | os.PathLike,
+    *,
+    class_names: Sequence[str] | None = None,
+    marked_scores: Sequence[float] = (0.3, 0.5, 0.7, 0.9),
+    columns: int = 4,
+) -> Path:
+    """One precision-recall panel per category (the curves the calibration maps scores through).
+
+    Points of the curve where the detector score crosses `marked_scores` are labelled, so the
+    score -> precision map can be read off. Written with matplotlib's Agg backend (no display).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    names = list(class_names or calibration.class_names or [str(i) for i in range(len(calibration))])
+    n = len(calibration)
+    cols = max(1, min(columns, n))
+    rows = (n + cols - 1) // cols
+    fig = Figure(figsize=(3.2 * cols, 2.8 * rows))
+    FigureCanvasAgg(fig)
+    for k in range(n):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        curve = calibration.curves[k]
+        title = names[k] if k < len(names) else str(k)
+        if curve is None:
+            ax.text(0.5, 0.5, "no detections\nor ground truth", ha="center", va="center", transform=ax.transAxes)
+        else:
+            ax.step(np.r_[0.0, curve.recall], np.r_[curve.precision[0], curve.precision], where="pre")
+            for s in marked_scores:
+                idx = np.flatnonzero(curve.scores >= s)
+                if idx.size:
+                    i = idx[-1]
+                    ax.plot(curve.recall[i], curve.precision[i], "o", ms=3, color="C3")
+                    ax.annotate(f"{s:g}", (curve.recall[i], curve.precision[i]), fontsize=7,
+                                textcoords="offset points", xytext=(3, 3))
+            title += f" (AP {100 * average_precision_of(curve):.1f})"
+        ax.set_title(title, fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("recall", fontsize=8)
+        ax.set_ylabel("precision", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"PR curves ({calibration.iou_type}), labels: detector score", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close("all")
+    return path

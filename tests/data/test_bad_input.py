@@ -1,0 +1,130 @@
+"""Every bad input of the issue: an error naming the file and the record, or a warning with a count."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from coco_files import compressed_rle
+
+from tensormask.data import CocoFormatError, CocoInstances
+
+SQUARE = [[2.0, 2.0, 12.0, 2.0, 12.0, 12.0, 2.0, 12.0]]
+
+
+def _good(w, n_images=2):
+    for i in range(1, n_images + 1):
+        w.add_image(i, 20, 30)
+        w.add_ann(100 + i, i, 5, SQUARE, bbox=[2.0, 2.0, 10.0, 10.0])
+    return w
+
+
+def test_missing_image_file(coco_writer):
+    image_dir, ann = _good(coco_writer).write()
+    (image_dir / "000002.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"instances\.json.*1 image file\(s\) missing.*000002\.png"):
+        CocoInstances(image_dir, ann, train=True)
+    # unchecked at construction: the error comes at load time, naming the file and the image id
+    ds = CocoInstances(image_dir, ann, train=True, check_files=False)
+    ds[0]
+    with pytest.raises(FileNotFoundError, match=r"000002\.png \(image id 2 in .*instances\.json\)"):
+        ds[1]
+
+
+def test_corrupt_image(coco_writer):
+    image_dir, ann = _good(coco_writer).write()
+    (image_dir / "000002.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    ds = CocoInstances(image_dir, ann, train=True)
+    with pytest.raises(CocoFormatError, match=r"cannot decode image .*000002\.png \(image id 2 in .*instances\.json\)"):
+        ds[1]
+
+
+def test_image_size_disagrees_with_json(coco_writer):
+    _good(coco_writer)
+    coco_writer.data["images"][1]["height"] = 21
+    image_dir, ann = coco_writer.write()
+    ds = CocoInstances(image_dir, ann, train=True)
+    with pytest.raises(CocoFormatError, match=r"000002\.png \(image id 2 .*\(20, 30\).*\(21, 30\)"):
+        ds[1]
+
+
+def test_malformed_json(coco_writer):
+    image_dir, ann = _good(coco_writer).write()
+    ann.write_text('{"images": [], "annotations": [}')
+    with pytest.raises(CocoFormatError, match=r"instances\.json: malformed JSON at line 1, column"):
+        CocoInstances(image_dir, ann, train=True)
+    ann.write_text('{"images": []}')
+    with pytest.raises(CocoFormatError, match=r"instances\.json: missing top-level key 'annotations'"):
+        CocoInstances(image_dir, ann, train=True)
+
+
+def test_annotation_points_at_no_image(coco_writer):
+    _good(coco_writer).add_ann(777, 99, 5, SQUARE, bbox=[2.0, 2.0, 10.0, 10.0])
+    image_dir, ann = coco_writer.write()
+    with pytest.raises(CocoFormatError, match=r"instances\.json: annotation 777 points at image id 99"):
+        CocoInstances(image_dir, ann, train=True)
+
+
+def test_unknown_category(coco_writer):
+    _good(coco_writer).add_ann(778, 1, 42, SQUARE, bbox=[2.0, 2.0, 10.0, 10.0])
+    image_dir, ann = coco_writer.write()
+    with pytest.raises(CocoFormatError, match=r"instances\.json: annotation 778 has unknown category id 42"):
+        CocoInstances(image_dir, ann, train=True)
+
+
+def test_short_polygons_are_skipped_with_a_count(coco_writer):
+    _good(coco_writer)
+    coco_writer.add_ann(201, 1, 5, [[1.0, 1.0, 5.0, 5.0]], bbox=[1.0, 1.0, 4.0, 4.0])  # 2 points only
+    coco_writer.add_ann(202, 2, 5, [[1.0, 1.0, 5.0, 1.0]], bbox=[1.0, 1.0, 4.0, 1.0])
+    coco_writer.add_ann(203, 2, 10, [SQUARE[0], [0.0, 0.0, 1.0, 1.0]], bbox=[2.0, 2.0, 10.0, 10.0])  # one short part
+    image_dir, ann = coco_writer.write()
+    with pytest.warns(UserWarning) as record:
+        ds = CocoInstances(image_dir, ann, train=True)
+    messages = [str(r.message) for r in record]
+    assert any(re.search(r"instances\.json: 2 annotation\(s\) had no polygon with at least 3 points.*201, 202", m) for m in messages)
+    assert any(re.search(r"1 annotation\(s\) had a polygon with fewer than 3 points \(polygon dropped\).*203", m) for m in messages)
+    assert [len(ds[i]["labels"]) for i in range(len(ds))] == [1, 2]
+
+
+def test_degenerate_and_outside_boxes(coco_writer):
+    _good(coco_writer)
+    coco_writer.add_ann(301, 1, 5, SQUARE, bbox=[2.0, 2.0, 0.0, 10.0])  # zero width
+    coco_writer.add_ann(302, 1, 5, SQUARE, bbox=[40.0, 2.0, 5.0, 5.0])  # right of a 30-wide image
+    coco_writer.add_ann(303, 2, 5, SQUARE, bbox=[25.0, 2.0, 10.0, 10.0])  # partly outside: clipped
+    image_dir, ann = coco_writer.write()
+    with pytest.warns(UserWarning) as record:
+        ds = CocoInstances(image_dir, ann, train=True)
+    messages = " | ".join(str(r.message) for r in record)
+    assert re.search(r"1 annotation\(s\) had a box of zero area \(skipped\) \(annotation ids 301\)", messages)
+    assert re.search(r"1 annotation\(s\) had a box outside the image \(skipped\) \(annotation ids 302\)", messages)
+    assert re.search(r"1 annotation\(s\) had a box partly outside the image \(clipped\) \(annotation ids 303\)", messages)
+    assert len(ds[0]["labels"]) == 1
+    assert ds[1]["boxes"][1].tolist() == [25.0, 2.0, 30.0, 12.0]
+
+
+def test_rle_of_the_wrong_size(coco_writer):
+    _good(coco_writer).add_ann(401, 1, 5, compressed_rle(np.ones((10, 10), np.uint8)), bbox=[0.0, 0.0, 10.0, 10.0])
+    image_dir, ann = coco_writer.write()
+    with pytest.raises(CocoFormatError, match=r"instances\.json: annotation 401: RLE size \[10, 10\] differs"):
+        CocoInstances(image_dir, ann, train=True)
+
+
+def test_never_a_silent_empty_dataset(coco_writer):
+    coco_writer.add_image(1, 20, 30)
+    coco_writer.add_ann(1, 1, 5, SQUARE, bbox=[2.0, 2.0, 0.0, 0.0])  # the only annotation is skipped
+    image_dir, ann = coco_writer.write()
+    with pytest.warns(UserWarning, match="zero area"), pytest.raises(CocoFormatError, match=r"instances\.json: no image left"):
+        CocoInstances(image_dir, ann, train=True)
+    # evaluation keeps the image
+    with pytest.warns(UserWarning, match="zero area"):
+        assert len(CocoInstances(image_dir, ann, train=False)) == 1
+    ann.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    with pytest.raises(CocoFormatError, match=r"instances\.json: no images"):
+        CocoInstances(image_dir, ann, train=False)
+
+
+def test_duplicate_ids(coco_writer):
+    _good(coco_writer).add_ann(101, 2, 5, SQUARE, bbox=[2.0, 2.0, 10.0, 10.0])
+    image_dir, ann = coco_writer.write()
+    with pytest.raises(CocoFormatError, match=r"instances\.json: duplicate annotation id 101"):
+        CocoInstances(image_dir, ann, train=True)
