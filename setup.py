@@ -30,7 +30,9 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    # No -std flag: torch's BuildExtension adds the C++ standard its headers need (C++20 for torch 2.14).
+    # -ffp-contract=off: no fused multiply-adds, so the float64 kernels keep detectron2's exact rounding.
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     extra = {"cxx": cxx_flags}
     with_cuda = _flag("TENSORMASK_CUDA")
     if with_cuda:
@@ -45,7 +47,7 @@ def _extensions():
         cu_include = os.path.join(site, "nvidia", "cu13", "include")
         if os.path.isdir(cu_include):
             include_dirs.append(cu_include)
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DWITH_CUDA"]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-DWITH_CUDA"]
         extra["cxx"] = cxx_flags + ["-DWITH_CUDA"]
         ext = CUDAExtension(
             "tensormask._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
@@ -65,4 +67,4 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass, options={"bdist_wheel": {"py_limited_api": "cp39"}})
+setup(ext_modules=ext_modules, cmdclass=cmdclass, options={"bdist_wheel": {"py_limited_api": "cp310"}})

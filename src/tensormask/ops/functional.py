@@ -1,0 +1,152 @@
+"""The align2nat op family: public functions (the API of `tensormask.ops`).
+
+Representations (paper-facts section 1): an *aligned* tensor (N, Vin*Uin, Hin, Win) stores at pixel
+(y^, x^) the value of that pixel for the window centred at (y^ - alpha v^, x^ - alpha u^); the
+*natural* tensor (N, Vout*Uout, Hout, Wout) stores mask cell (v, u) of the window centred at (y, x).
+Channel c = v * U + u. Every function here validates its arguments, then runs the compiled kernels
+(`torch.ops.tensormask.align2nat`) or the pure-PyTorch reference (see `backend.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backend
+from .geometry import (
+    Align2NatGeometry,
+    check_channels,
+    check_input,
+    check_lambda,
+    check_mode,
+    make_geometry,
+    swap_cells,
+    swap_geometry,
+    up_geometry,
+)
+from .reference import align2nat_at_reference, align2nat_reference
+
+
+def _run(x: torch.Tensor, geom: Align2NatGeometry, pad_val: float, mode: str) -> torch.Tensor:
+    out_size = geom.output_size((x.shape[2], x.shape[3]))
+    if backend.use_extension(x):
+        return torch.ops.tensormask.align2nat(
+            x, list(geom.in_cells), list(geom.out_cells), list(out_size), *geom.units, float(pad_val), mode
+        )
+    return align2nat_reference(x, geom, out_size, float(pad_val), mode)
+
+
+def align2nat(
+    x: torch.Tensor,
+    *,
+    in_cells,
+    out_cells,
+    unit_hw: float,
+    unit_vu: float,
+    aligned_unit_hw: float,
+    aligned_unit_vu: float,
+    pad_val: float = -6.0,
+    mode: str = "bilinear",
+) -> torch.Tensor:
+    """General align2nat, appendix A.1 eq. (5).
+
+    x: aligned (N, Vin*Uin, Hin, Win) with in_cells = (Vin, Uin) (an int means square).
+    Returns natural (N, Vout*Uout, Hout, Wout), out_cells = (Vout, Uout),
+    Hout = ceil(Hin * aligned_unit_hw / unit_hw) (likewise Wout).
+    Units are image pixels per step: unit_hw / aligned_unit_hw of the output / input (y, x) grids,
+    unit_vu / aligned_unit_vu of the output / input mask cells. mode: "bilinear" (16 taps) or
+    "nearest" (round half up; InstanceFCN, A.2). Taps outside the input read pad_val (no gradient).
+    """
+    check_input(x)
+    check_mode(mode)
+    geom = make_geometry(in_cells, out_cells, unit_hw, unit_vu, aligned_unit_hw, aligned_unit_vu)
+    check_channels(x, geom)
+    return _run(x, geom, pad_val, mode)
+
+
+def swap_align2nat(x: torch.Tensor, lambda_val: int, pad_val: float = -6.0) -> torch.Tensor:
+    """Tensor-bipyramid swap: up_align2nat by lambda then HW subsampling by lambda, in one pass.
+
+    x: aligned (N, S*S, Hin, Win); lambda_val: int >= 1. Returns natural
+    (N, (lambda*S)^2, ceil(Hin / lambda), ceil(Win / lambda)), bilinear, equal to detectron2's
+    SwapAlign2Nat (paper-facts section 4).
+    """
+    check_input(x)
+    check_lambda(lambda_val, integer=True)
+    geom = swap_geometry(swap_cells(x), int(lambda_val))
+    return _run(x, geom, pad_val, "bilinear")
+
+
+def up_align2nat(
+    x: torch.Tensor, lambda_val: float, out_cells, pad_val: float = -6.0, mode: str = "bilinear"
+) -> torch.Tensor:
+    """Aligned upscaling head (Table 2a/2b): upsample VU by lambda, then align2nat; same HW grid.
+
+    x: aligned (N, (Vout/lambda)*(Uout/lambda), H, W); lambda_val >= 1 (may be fractional, e.g. 1.5,
+    as long as out_cells / lambda are integers). Returns natural (N, Vout*Uout, H, W).
+    """
+    check_input(x)
+    check_mode(mode)
+    geom = up_geometry(x, check_lambda(lambda_val, integer=False), out_cells)
+    return _run(x, geom, pad_val, mode)
+
+
+def _check_positions(x: torch.Tensor, batch_index, ys, xs) -> None:
+    for name, t in (("batch_index", batch_index), ("ys", ys), ("xs", xs)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point() or t.is_complex():
+            raise ValueError(f"{name} must be a 1-D integer tensor of output positions (D,)")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: expected the same device")
+    if not (batch_index.shape[0] == ys.shape[0] == xs.shape[0]):
+        raise ValueError(
+            f"batch_index, ys, xs must have the same length D, got {batch_index.shape[0]}, {ys.shape[0]}, {xs.shape[0]}"
+        )
+
+
+def align2nat_at(
+    x: torch.Tensor,
+    batch_index: torch.Tensor,
+    ys: torch.Tensor,
+    xs: torch.Tensor,
+    *,
+    in_cells,
+    out_cells,
+    unit_hw: float,
+    unit_vu: float,
+    aligned_unit_hw: float,
+    aligned_unit_vu: float,
+    pad_val: float = -6.0,
+    mode: str = "bilinear",
+) -> torch.Tensor:
+    """`align2nat` evaluated at D output positions only (sparse inference; pure PyTorch, differentiable).
+
+    x: aligned (N, Vin*Uin, Hin, Win); batch_index, ys, xs: int (D,) positions in the output grid
+    (0 <= ys < Hout, 0 <= xs < Wout). Returns (D, Vout*Uout) =
+    align2nat(x, ...)[batch_index, :, ys, xs] without computing the other windows.
+    """
+    check_input(x)
+    check_mode(mode)
+    geom = make_geometry(in_cells, out_cells, unit_hw, unit_vu, aligned_unit_hw, aligned_unit_vu)
+    check_channels(x, geom)
+    _check_positions(x, batch_index, ys, xs)
+    return align2nat_at_reference(x, geom, batch_index.long(), ys.long(), xs.long(), float(pad_val), mode)
+
+
+def swap_align2nat_at(
+    x: torch.Tensor,
+    lambda_val: int,
+    batch_index: torch.Tensor,
+    ys: torch.Tensor,
+    xs: torch.Tensor,
+    pad_val: float = -6.0,
+) -> torch.Tensor:
+    """`swap_align2nat` evaluated at D output positions only.
+
+    x: aligned (N, S*S, Hin, Win); batch_index, ys, xs: int (D,) positions in the output grid
+    (ceil(Hin / lambda), ceil(Win / lambda)). Returns (D, (lambda*S)^2) =
+    swap_align2nat(x, lambda_val)[batch_index, :, ys, xs].
+    """
+    check_input(x)
+    check_lambda(lambda_val, integer=True)
+    geom = swap_geometry(swap_cells(x), int(lambda_val))
+    _check_positions(x, batch_index, ys, xs)
+    return align2nat_at_reference(x, geom, batch_index.long(), ys.long(), xs.long(), float(pad_val), "bilinear")
