@@ -1,0 +1,53 @@
+"""The TensorMask network: backbone, windows, heads, assignment, losses, inference."""
+
+from .assignment import Assignment, assign_windows, mask_targets
+from .backbone import FrozenBatchNorm2d, ResNet, ResNetFPN
+from .detectron2_import import (
+    CheckpointMismatch,
+    build_detectron2_tensormask,
+    load_backbone_weights,
+    load_detectron2_checkpoint,
+)
+from .heads import (
+    MASK_HEADS,
+    BipyramidMaskHead,
+    BoxHead,
+    ClassHead,
+    MaskHead,
+    MaskPrediction,
+    SimpleAlignedMaskHead,
+    SimpleNaturalMaskHead,
+    UpscalingAlignedMaskHead,
+    UpscalingNaturalMaskHead,
+)
+from .tensormask import TensorMask, TensorMaskOutput
+from .windows import Windows, decode_boxes, encode_boxes, make_windows
+
+__all__ = [
+    "TensorMask",
+    "TensorMaskOutput",
+    "ResNet",
+    "ResNetFPN",
+    "FrozenBatchNorm2d",
+    "ClassHead",
+    "BoxHead",
+    "MaskHead",
+    "MaskPrediction",
+    "SimpleNaturalMaskHead",
+    "SimpleAlignedMaskHead",
+    "UpscalingNaturalMaskHead",
+    "UpscalingAlignedMaskHead",
+    "BipyramidMaskHead",
+    "MASK_HEADS",
+    "Assignment",
+    "assign_windows",
+    "mask_targets",
+    "Windows",
+    "make_windows",
+    "encode_boxes",
+    "decode_boxes",
+    "CheckpointMismatch",
+    "build_detectron2_tensormask",
+    "load_backbone_weights",
+    "load_detectron2_checkpoint",
+]
