@@ -1,0 +1,92 @@
+"""Build the objects of a run from its config (Hydra `_target_` graphs) and rebuild them from a run folder."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tensormask.framework.checkpoint_io import AtomicCheckpointIO
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+
+
+def instantiate_list(cfg: DictConfig | None) -> list[Any]:
+    """The objects of a group whose entries each have a `_target_` (callbacks, loggers); null -> []."""
+    objects = []
+    if not cfg:
+        return objects
+    for key, node in cfg.items():
+        if isinstance(node, DictConfig) and "_target_" in node:
+            objects.append(instantiate(node))
+    return objects
+
+
+def build_model(cfg: DictConfig) -> torch.nn.Module:
+    return instantiate(cfg.model)
+
+
+def build_datamodule(cfg: DictConfig, model: torch.nn.Module) -> L.LightningDataModule:
+    """The data module, padding and normalising inputs the way `model` expects (its
+    `size_divisibility`, `pixel_mean`, `pixel_std`, `input_format`)."""
+    kwargs: dict[str, Any] = {"size_divisibility": int(getattr(model, "size_divisibility", 32))}
+    if hasattr(model, "pixel_mean"):
+        kwargs.update(pixel_mean=list(model.pixel_mean), pixel_std=list(model.pixel_std),
+                      bgr=str(getattr(model, "input_format", "RGB")).upper() == "BGR")
+    return instantiate(cfg.data, **kwargs)
+
+
+def build_module(cfg: DictConfig, model: torch.nn.Module, output_dir: str | None = None) -> L.LightningModule:
+    """The LightningModule around `model`; the evaluator writes its COCO results JSON to `output_dir`."""
+    module_cfg = OmegaConf.to_container(cfg.module, resolve=True)
+    if output_dir is not None and isinstance(module_cfg.get("evaluator"), dict):
+        module_cfg["evaluator"]["output_dir"] = str(output_dir)
+    # plain lists and dicts (no OmegaConf containers) reach the module: its hyper-parameters go into
+    # checkpoints, which must load with torch.load(weights_only=True)
+    return instantiate(module_cfg, model=model, global_batch_size=int(cfg.data.global_batch_size), _convert_="all")
+
+
+def build_trainer(cfg: DictConfig, *, callbacks: list[Any] | None = None, loggers: list[Any] | bool = False,
+                  **overrides: Any) -> L.Trainer:
+    return instantiate(cfg.trainer, callbacks=callbacks or [], logger=loggers, plugins=[AtomicCheckpointIO()],
+                       **overrides)
+
+
+def save_run_config(cfg: DictConfig, directory: str | Path) -> Path:
+    """The resolved config beside the checkpoints: eval and predict rebuild the model from it."""
+    from tensormask.framework.checkpoint_io import atomic_write_bytes
+
+    path = Path(directory) / CONFIG_FILE
+    atomic_write_bytes(path, OmegaConf.to_yaml(cfg, resolve=True).encode())
+    return path
+
+
+def find_run_config(checkpoint: str | Path) -> Path | None:
+    """config.yaml beside a checkpoint (or in its parent folder)."""
+    checkpoint = Path(checkpoint)
+    for folder in (checkpoint.parent, checkpoint.parent.parent):
+        if (folder / CONFIG_FILE).is_file():
+            return folder / CONFIG_FILE
+    return None
+
+
+def load_model_weights(model: torch.nn.Module, checkpoint: str | Path) -> dict[str, Any]:
+    """Load a Lightning checkpoint's `model.*` weights (or a detectron2 .pkl through the converter)."""
+    checkpoint = str(checkpoint)
+    if checkpoint.endswith(".pkl"):
+        from tensormask.modeling.detectron2_import import load_detectron2_checkpoint
+
+        report = load_detectron2_checkpoint(model, checkpoint)
+        return {"source": "detectron2", "report": report}
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    weights = state.get("state_dict", state)
+    weights = {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")} or weights
+    model.load_state_dict(weights, strict=True)
+    return {"source": "lightning", "global_step": state.get("global_step"), "epoch": state.get("epoch")}

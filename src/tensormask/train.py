@@ -1,0 +1,153 @@
+"""tensormask-train: train, then evaluate on the validation set.
+
+With no arguments: the quickstart (a small TensorMask on the synthetic dataset, on the CPU), ending
+with the bbox and segm AP table. Everything is a Hydra override, e.g.
+
+    tensormask-train experiment=r50_1x trainer=gpu data=coco
+    tensormask-train ckpt_path=last          # resume the run of this same command
+    tensormask-train -m model/mask_head=natural,aligned   # a sweep (hydra/launcher=submitit_slurm on SLURM)
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a CPU shared with
+# other work, spinning threads wait for each other's time slices at every parallel region and a
+# training step gets several times slower (measured: docs/framework.md). Set it to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import logging  # noqa: E402
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from tensormask import framework  # noqa: F401  (registers the config resolvers)
+from tensormask.framework.builders import (
+    build_datamodule, build_model, build_module, build_trainer, instantiate_list, save_run_config,
+)
+from tensormask.framework.checkpoint_io import resolve_ckpt_path
+from tensormask.framework.entry import command_overrides, config_dir, metrics_table, quiet_known_warnings, to_plain
+from tensormask.framework.loggers import wandb_info
+from tensormask.framework.run_summary import RunSummary
+from tensormask.framework.validation import validate_config
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train (unless `train=false`) and evaluate (unless `evaluate=false`) the run `cfg` describes.
+
+    Returns (metrics, objects): metrics {"bbox": {...}, "segm": {...}} of the final evaluation
+    (fractions), objects {"cfg", "model", "datamodule", "module", "trainer", "loggers"}.
+    Writes `<paths.output_dir>/run_summary.json` (status running -> finished / failed).
+    """
+    validate_config(cfg)
+    quiet_known_warnings()
+    run_dir = Path(cfg.paths.output_dir)
+    ckpt_dir = Path(cfg.paths.checkpoint_dir)
+    rank_zero = rank_zero_only.rank == 0
+    summary = RunSummary(run_dir, command_overrides(cfg), enabled=rank_zero)
+    summary.update(status="running")
+    loggers: list[Any] = []
+    t0 = time.monotonic()
+    try:
+        if cfg.get("seed") is not None:
+            L.seed_everything(cfg.seed, workers=True, verbose=False)
+        model = build_model(cfg)
+        datamodule = build_datamodule(cfg, model)
+        module = build_module(cfg, model, output_dir=str(run_dir / "eval"))
+        callbacks = instantiate_list(cfg.get("callbacks"))
+        loggers = instantiate_list(cfg.get("logger"))
+        trainer = build_trainer(cfg, callbacks=callbacks, loggers=loggers or False)
+        if trainer.is_global_zero:
+            save_run_config(cfg, ckpt_dir)
+        for logger in loggers:
+            logger.log_hyperparams(to_plain(cfg))
+        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), ckpt_dir)
+        if ckpt_path is None and (ckpt_dir / "last.ckpt").is_file():
+            log.warning("starting a fresh run in %s: its checkpoints will be replaced (add ckpt_path=last to resume "
+                        "it instead)", run_dir)
+        if cfg.get("ckpt_path") == "last":
+            log.info("ckpt_path=last: %s", f"resuming from {ckpt_path}" if ckpt_path else f"no {ckpt_dir}/last.ckpt yet, starting fresh")
+        if cfg.get("train", True):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            save_final_checkpoint(trainer)
+        metrics: dict[str, Any] = {}
+        if cfg.get("evaluate", True):
+            trainer.validate(module, datamodule=datamodule, ckpt_path=None if cfg.get("train", True) else ckpt_path,
+                             verbose=False)
+            metrics = module.last_metrics
+        summary.update(status="finished", metrics=metrics, steps=int(trainer.global_step), wandb=wandb_info(loggers))
+        if trainer.is_global_zero:
+            print(_final_report(cfg, metrics, trainer, time.monotonic() - t0, ckpt_dir, loggers), flush=True)
+    except BaseException as e:
+        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        _finish_wandb(loggers)
+    objects = {"cfg": cfg, "model": model, "datamodule": datamodule, "module": module, "trainer": trainer,
+               "loggers": loggers}
+    return metrics, objects
+
+
+def save_final_checkpoint(trainer: L.Trainer) -> None:
+    """last.ckpt at the end of training too (the ModelCheckpoint saves every N steps; training is
+    one endless epoch that max_steps ends, so no epoch-end save happens)."""
+    callback = trainer.checkpoint_callback
+    if callback is None or trainer.fast_dev_run or trainer.interrupted or callback.dirpath is None:
+        return
+    if getattr(callback, "_last_global_step_saved", None) == trainer.global_step:
+        return
+    trainer.save_checkpoint(str(Path(callback.dirpath) / "last.ckpt"))
+
+
+def _finish_wandb(loggers: list[Any]) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def _final_report(cfg, metrics, trainer, seconds, ckpt_dir, loggers) -> str:
+    lines = ["", "=" * 78, f"tensormask-train finished: {trainer.global_step} steps in {seconds / 60:.1f} min"]
+    lines.append(f"  run folder:   {cfg.paths.output_dir}")
+    last = Path(ckpt_dir) / "last.ckpt"
+    if last.is_file():
+        lines.append(f"  checkpoint:   {last}  (resume: same command + ckpt_path=last)")
+    info = wandb_info(loggers)
+    if info and info.get("mode") == "offline" and info.get("dir"):
+        lines.append(f"  W&B (offline): wandb sync {Path(info['dir']).parent}")
+    if metrics:
+        lines += ["", "COCO evaluation on the validation set (AP in %):", metrics_table(metrics)]
+        for task in ("bbox", "segm"):
+            if task in metrics:
+                lines.append(f"  {task} AP = {100 * metrics[task]['AP']:.1f}")
+    lines.append("=" * 78)
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    metrics, _ = train(cfg)
+    objective = cfg.get("optimized_metric")
+    if objective:
+        task, _, key = str(objective).partition("/")
+        return metrics.get(task, {}).get(key)
+    return None
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

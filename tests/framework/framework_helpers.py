@@ -1,0 +1,63 @@
+"""Helpers of the framework tests: the real configs composed once, shrunk to tiny runs (64 px images, a few steps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+import tensormask.framework  # noqa: F401  (config resolvers)
+from tensormask.framework.entry import config_dir
+
+CONF = config_dir()
+
+# a TensorMask small enough for a few CPU steps in a test
+TINY_MODEL = [
+    "model.backbone.out_channels=16",
+    "model.class_channels=16",
+    "model.box_channels=16",
+    "model.num_convs=1",
+    "model.mask_head.channels=16",
+    "model.topk_candidates=200",
+]
+TINY_DATA = [
+    "data.synthetic.num_train=8",
+    "data.synthetic.num_val=4",
+    "data.synthetic.image_size=64",
+    "data.synthetic.max_objects=2",
+    "data.train_transforms.min_size=[64]",
+    "data.test_transforms.min_size=64",
+    "data.global_batch_size=2",
+    "data.eval_batch_size=2",
+]
+TINY_RUN = [
+    "trainer.max_steps=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "module.warmup_steps=1",
+    "module.milestones=[]",
+    "logger=csv",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+    "callbacks.validation_images=null",
+    "callbacks.progress_bar=null",
+]
+
+
+def compose_config(config_name: str = "train", overrides: list[str] = (), output_dir: Path | None = None) -> DictConfig:
+    """The real config `config_name` with `overrides`; paths.output_dir set to `output_dir`."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides))
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def tiny_train_config(output_dir: Path, *extra: str, pictures: bool = False) -> DictConfig:
+    """A tiny training run; `pictures` keeps the validation-pictures callback."""
+    run = [o for o in TINY_RUN if not (pictures and o.startswith("callbacks.validation_images"))]
+    return compose_config("train", [*TINY_MODEL, *TINY_DATA, *run, *extra], output_dir)
+
