@@ -1,0 +1,119 @@
+"""The collector and the formatter on run_summary.json files written here: finished, failed, missing rows."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from tensormask.tables import collect_table, load_table, markdown, write_csv, write_markdown
+from tensormask.tables.collect import SUMMARY_FILE
+
+
+def write_summary(run_dir: Path, status: str, *, metrics=None, error=None, run_id=None) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "status": status,
+        "error": error,
+        "metrics": metrics or {},
+        "wandb": None if run_id is None else {"run_id": run_id, "project": "tensormask", "group": "table5", "tags": [], "mode": "offline"},
+        "overrides": ["mode=full"],
+        "run_dir": str(run_dir),
+        "steps": 7,
+    }
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary))
+
+
+METRICS = {
+    "segm": {"AP": 0.123, "AP50": 0.456, "AP75": 0.1, "APs": -1.0, "APm": 0.2, "APl": 0.3},
+    "bbox": {"AP": 0.2, "AP50": 0.5, "AP75": 0.25, "APs": 0.1, "APm": 0.2, "APl": 0.3},
+}
+
+
+@pytest.fixture
+def table5():
+    return load_table("table5")
+
+
+def test_finished_failed_and_missing_rows(tmp_path, table5):
+    finished, failed, missing = [row.id for row in table5.rows]
+    write_summary(tmp_path / finished, "finished", metrics=METRICS, run_id="abc123")
+    write_summary(tmp_path / failed, "failed", error="RuntimeError: loss is NaN at step 3")
+    results = collect_table(table5, tmp_path)
+
+    assert [r.row.id for r in results] == [finished, failed, missing]
+    assert [r.status for r in results] == ["finished", "failed", "missing"]
+    ok = results[0]
+    assert ok.ours["segm.AP"] == pytest.approx(12.3)
+    assert ok.ours["bbox.AP75"] == pytest.approx(25.0)
+    assert ok.wandb_run_id == "abc123" and ok.error is None and ok.steps == 7
+    assert results[1].error == "RuntimeError: loss is NaN at step 3" and results[1].ours == {}
+    assert SUMMARY_FILE in results[2].error
+    # The paper's numbers ride along whatever our status.
+    assert [r.row.paper_value(table5.columns[0]) for r in results] == [35.2, 34.9, 34.8]
+
+
+def test_running_unreadable_and_statusless_summaries_are_not_finished(tmp_path, table5):
+    a, b, c = [row.id for row in table5.rows]
+    write_summary(tmp_path / a, "running")
+    (tmp_path / b).mkdir()
+    (tmp_path / b / SUMMARY_FILE).write_text("{not json")
+    (tmp_path / c).mkdir()
+    (tmp_path / c / SUMMARY_FILE).write_text(json.dumps({"metrics": {}}))
+    results = collect_table(table5, tmp_path)
+    assert [r.status for r in results] == ["running", "failed", "failed"]
+    assert "unreadable" in results[1].error
+    assert "valid status" in results[2].error
+
+
+def test_negative_coco_values_are_not_numbers(tmp_path):
+    table = load_table("table2c")
+    write_summary(tmp_path / table.rows[0].id, "finished", metrics=METRICS)
+    first = collect_table(table, tmp_path)[0]
+    assert first.ours["segm.APs"] is None  # COCOeval's -1: no object in that size range
+    assert first.ours["segm.APl"] == pytest.approx(30.0)
+
+
+def test_markdown_and_csv_show_every_row_with_its_reason(tmp_path, table5):
+    finished, failed, _ = [row.id for row in table5.rows]
+    runs = tmp_path / "runs"
+    write_summary(runs / finished, "finished", metrics=METRICS, run_id="abc123")
+    write_summary(runs / failed, "failed", error="ValueError: a | pipe\nand a second line")
+    results = collect_table(table5, runs)
+
+    md_path = write_markdown(tmp_path / "results" / "table5.md", table5, results, "mini", sweep_dir=runs)
+    md = md_path.read_text()
+    table_lines = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(table_lines) == 1 + len(table5.rows)  # header + one line per paper row
+    assert "| APbb ours | APbb paper |" in table_lines[0] and "| AP ours | AP paper |" in table_lines[0]
+    row1, row2, row3 = table_lines[1:]
+    assert "| 12.3 | 35.2 |" in row1 and "abc123" in row1 and "finished" in row1
+    assert "failed: ValueError: a \\| pipe and a second line" in row2 and "| - | 34.9 |" in row2
+    assert "missing" in row3 and "| - | 34.8 |" in row3
+    assert "1 finished, 1 failed, 1 missing" in md
+    assert [l for l in markdown(table5, results, "mini", runs).splitlines() if l.startswith("| ")] == table_lines
+
+    csv_path = write_csv(tmp_path / "results" / "table5.csv", table5, results, "mini")
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["row"] for r in rows] == [row.id for row in table5.rows]
+    assert [r["status"] for r in rows] == ["finished", "failed", "missing"]
+    assert rows[0]["segm.AP ours"] == "12.30" and rows[0]["segm.AP paper"] == "35.2"
+    assert rows[0]["bbox.AP50 ours"] == "50.00" and rows[0]["bbox.AP50 paper"] == "60.8"
+    assert rows[0]["wandb_run_id"] == "abc123" and rows[0]["run_dir"] == str(runs / finished)
+    assert rows[1]["segm.AP ours"] == "" and rows[1]["error"].startswith("ValueError: a | pipe")
+    assert rows[2]["error"]
+
+
+def test_wandb_table_has_the_csv_columns(tmp_path, table5):
+    from tensormask.tables import csv_columns, wandb_table
+
+    write_summary(tmp_path / table5.rows[0].id, "finished", metrics=METRICS)
+    results = collect_table(table5, tmp_path)
+    table = wandb_table(table5, results, "mini")
+    assert table.columns == csv_columns(table5)
+    assert len(table.data) == len(table5.rows)
+    assert table.data[0][table.columns.index("segm.AP ours")] == pytest.approx(12.3)
+    assert table.data[1][table.columns.index("segm.AP ours")] is None
