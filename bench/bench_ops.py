@@ -129,6 +129,8 @@ def main() -> None:
     clock = "CUDA events" if device.type == "cuda" else f"{args.clock} clock"
     print(f"# median over {args.rounds} rounds of the fastest of {args.repeats} repeats "
           f"(reference: {args.ref_repeats}); ms, {clock}")
+    print("# copy floor = x.copy_() + out.copy_() into preallocated tensors (reads and writes x and the output once "
+          "each); the extension times include allocating their results; fwd+bwd runs through autograd")
     header = ("x shape", "lambda", "out shape", "ext fwd", "ext bwd", "ext fwd+bwd", "copy floor",
               "ref fwd", "ref bwd", "ref fwd+bwd", "fwd+bwd / copy", "ref / ext")
     print("| " + " | ".join(header) + " |")
