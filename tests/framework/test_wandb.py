@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -39,11 +40,19 @@ def test_offline_run_has_the_expected_keys(tmp_path, monkeypatch):
     (offline,) = (run_dir / "wandb").glob(f"offline-run-*-{info['run_id']}")
     # wandb 0.31 keeps an offline run in one protobuf log (run-<id>.wandb, uploaded by `wandb sync`);
     # its records hold the config and metric names as length-prefixed strings
-    records = (offline / f"run-{info['run_id']}.wandb").read_bytes()
+    log = offline / f"run-{info['run_id']}.wandb"
 
     def has(key: str) -> bool:
         data = key.encode()
         return bytes([len(data)]) + data in records
+
+    # wandb-core appends to the log from its own process and may still be flushing after
+    # wandb.finish() returns on a loaded machine: wait (bounded) for the last records to land
+    deadline = time.monotonic() + 60
+    records = log.read_bytes()
+    while not (has("train/loss") and has("val/predictions")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        records = log.read_bytes()
 
     for key in ("train/loss", "train/loss_cls", "train/loss_box", "train/loss_mask", "lr", "val/segm_AP",
                 "val/bbox_AP", "val/bbox_AP50", "val/segm_AP75", "val/predictions",  # metrics and pictures
