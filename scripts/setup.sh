@@ -16,6 +16,8 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PYTHON" -m venv .venv
 fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check)
+# pip, minus the per-package notes some local mirrors cause ("Location ... is ignored")
+pip_quiet() { "${PIP[@]}" "$@" 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }; }
 
 if [[ -z ${CUDA_HOME:-} ]]; then
   for candidate in /usr/local/cuda /usr/local/cuda-13.0; do
@@ -42,8 +44,8 @@ if [[ $want == "$have" ]]; then
 fi
 
 # PyTorch first, pinned, so that nothing later resolves (and downloads) another build.
-"${PIP[@]}" install -q "torch==2.14.1" "torchvision==0.29.1" "setuptools>=64" wheel
+pip_quiet install -q "torch==2.14.1" "torchvision==0.29.1" "setuptools>=64" wheel
 echo "[setup] building tensormask (CUDA kernels: $TENSORMASK_CUDA, archs: $TORCH_CUDA_ARCH_LIST)"
-"${PIP[@]}" install -q --no-build-isolation -e ".[dev]"
+pip_quiet install -q --no-build-isolation -e ".[dev]"
 .venv/bin/python -c "import tensormask.ops as o; print('[setup]', o.backend_summary())"
 echo "$want" > .venv/.setup-stamp
