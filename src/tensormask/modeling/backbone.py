@@ -65,6 +65,13 @@ def make_norm(norm: str, channels: int, num_groups: int = 32) -> nn.Module:
     raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
 
 
+def projection_shortcut(in_channels: int, out_channels: int, stride: int, norm: str) -> nn.Module | None:
+    """The residual branch's 1x1 projection (+ norm) where the shape changes, else None (identity)."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), make_norm(norm, out_channels))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs (ResNet-18/34)."""
 
@@ -77,11 +84,7 @@ class BasicBlock(nn.Module):
         self.bn1 = make_norm(norm, channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
         self.bn2 = make_norm(norm, channels)
-        self.downsample = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), make_norm(norm, out_channels)
-            )
+        self.downsample = projection_shortcut(in_channels, out_channels, stride, norm)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -106,11 +109,7 @@ class Bottleneck(nn.Module):
         self.bn2 = make_norm(norm, channels)
         self.conv3 = nn.Conv2d(channels, out_channels, 1, 1, bias=False)
         self.bn3 = make_norm(norm, out_channels)
-        self.downsample = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), make_norm(norm, out_channels)
-            )
+        self.downsample = projection_shortcut(in_channels, out_channels, stride, norm)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
