@@ -196,6 +196,7 @@ def test_unknown_group_option_names_the_group_and_the_choices():
         ("trainer.max_steps=-5", "trainer.max_steps", ">= 1"),
         ("trainer.precision=17", "trainer.precision", "bf16-mixed"),
         ("module.base_lr=-0.1", "module.base_lr", "> 0"),
+        ("module.channels_last=nhwc", "module.channels_last", "true or false"),
         ("model.mode=fulll", "model.mode", "full, box_only, mask_only"),
         ("model.backbone.norm=LN", "model.backbone.norm", "FrozenBN, GN, BN"),
         ("model.backbone.depth=42", "model.backbone.depth", "18, 34, 50, 101"),

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+from omegaconf import open_dict
 
 from tensormask.train import train
 
@@ -80,3 +81,49 @@ def test_failed_run_is_recorded_and_raises(tmp_path):
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert summary["status"] == "failed"
     assert "num_classes" in summary["error"]
+
+
+def test_channels_last_gives_the_same_losses_and_detections(tmp_path):
+    """module.channels_last only changes the memory layout: same losses, gradients and detections
+    (in float64, where summing in another order does not matter)."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    from tensormask.framework.builders import build_datamodule, build_model, build_module
+
+    cfg = tiny_train_config(tmp_path / "run", "model.score_threshold=0.0")
+    torch.manual_seed(0)
+    model = build_model(cfg).double()
+    twin = copy.deepcopy(model)
+    datamodule = build_datamodule(cfg, model)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    batch = dataclasses.replace(batch, images=batch.images.double())
+    results = []
+    for net, channels_last in ((model, False), (twin, True)):
+        with open_dict(cfg):
+            cfg.module.channels_last = channels_last
+        module = build_module(cfg, net)
+        conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert module._images(batch).is_contiguous(memory_format=torch.channels_last) == channels_last
+        net.train()
+        out = module._forward(module._images(batch))
+        losses = net.losses(out, batch.targets, batch.image_sizes)
+        sum(losses.values()).backward()
+        net.eval()
+        with torch.no_grad():
+            detections = module.detect(batch)
+        results.append((losses, conv.weight.grad.clone(), detections))
+    (losses_a, grad_a, det_a), (losses_b, grad_b, det_b) = results
+    for name in losses_a:
+        torch.testing.assert_close(losses_a[name], losses_b[name], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grad_a, grad_b, rtol=1e-7, atol=1e-12)
+    for a, b in zip(det_a, det_b):
+        assert len(a.scores) > 0
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(a.boxes, b.boxes, rtol=1e-7, atol=1e-6)
+        assert torch.equal(a.labels, b.labels)

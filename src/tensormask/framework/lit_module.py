@@ -36,6 +36,8 @@ class DetectionLitModule(L.LightningModule):
         evaluator: a partial `tensormask.evaluation.COCOEvaluator`, completed in `setup` with the
             validation set's ground truth and class mapping.
         compile: run the model through `torch.compile`.
+        channels_last: keep the weights and the input images in the channels-last memory format
+            (NHWC), which oneDNN's CPU convolutions run faster (quickstart: ~10% per training step).
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class DetectionLitModule(L.LightningModule):
         weight_decay_norm: float = 0.0,
         evaluator: Callable[..., Any] | None = None,
         compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         milestones = tuple(int(m) for m in milestones)
@@ -65,6 +68,8 @@ class DetectionLitModule(L.LightningModule):
         self.evaluator = None
         self.lr = scaled_lr(base_lr, global_batch_size, base_batch_size)
         self.last_metrics: dict[str, dict[str, float]] = {}
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
         # not a registered submodule: the weights live (once) under `model.`
         object.__setattr__(self, "_forward", torch.compile(model) if compile else model)
 
@@ -106,9 +111,14 @@ class DetectionLitModule(L.LightningModule):
             return batch.to(device)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
+    def _images(self, batch: Batch) -> torch.Tensor:
+        if self.hparams.channels_last:
+            return batch.images.contiguous(memory_format=torch.channels_last)
+        return batch.images
+
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        out = self._forward(batch.images)
+        out = self._forward(self._images(batch))
         losses = self.model.losses(out, batch.targets, batch.image_sizes)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
@@ -126,7 +136,7 @@ class DetectionLitModule(L.LightningModule):
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
     def detect(self, batch: Batch) -> list[Detections]:
-        out = self._forward(batch.images)
+        out = self._forward(self._images(batch))
         return self.model.predict(out, batch.image_sizes, batch.orig_sizes)
 
     def on_validation_epoch_start(self) -> None:

@@ -126,6 +126,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "module.gamma": _float(0.0, 1.0),
     "module.weight_decay": _float(0.0),
     "module.compile": _bool,
+    "module.channels_last": _bool,
     "module.milestones": lambda v: None if isinstance(v, Sequence) and all(
         isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in v) else "must be a list of step numbers >= 0",
     "module.evaluator.backend": _choice("pycocotools", "faster_coco_eval"),
