@@ -16,9 +16,9 @@ FORWARD_TOL = {
 BACKWARD_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 # (N, S, H, W, lambda): odd sizes, sizes not divisible by lambda, inputs smaller than the window
-# (H or W < lambda * S) and than lambda itself, and inputs tall enough for several row blocks per
-# image (the kernels process blocks of up to 8 lambda rows; the backward carries a gradient row
-# from one block to the next).
+# (H or W < lambda * S) and than lambda itself, and inputs tall and wide enough for several row
+# blocks per image (a block holds as many rows as two cell rows of S*W values fit in ~768 KB, ~65 rows
+# for S=5, W=300; the backward recomputes the gradient row above each block).
 SHAPES = [
     (1, 3, 1, 1, 1),
     (2, 5, 3, 2, 1),
@@ -35,6 +35,8 @@ SHAPES = [
     (1, 3, 70, 17, 8),
     (1, 1, 33, 40, 32),
     (1, 2, 5, 3, 32),
+    (1, 5, 301, 300, 2),
+    (2, 7, 203, 150, 4),
 ]
 
 

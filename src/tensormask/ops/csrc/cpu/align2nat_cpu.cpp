@@ -11,7 +11,8 @@
 // Separable path (float32/float16/bfloat16 bilinear whenever all outputs share their y- and
 // x-weights, e.g. swap_align2nat with integer lambda and up_align2nat): 4 + 4 multiply-adds per
 // output instead of 16, every inner loop contiguous (phase-split rows), in blocks of rows whose
-// buffers stay in L2 (see "Separable fast path" below).
+// buffers stay in L2; plain shifted plane copies when all weights are 0 or 1 (see "Separable fast
+// path" below).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,6 +21,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -95,9 +97,11 @@ inline acc_t bilinear_column(const scalar_t* const rows[8], int64_t i_lo, int64_
 // 4 + 4 multiply-adds per output instead of 16. Stage B reads A with stride R = r_hw in x; to keep
 // every inner loop contiguous, A rows are stored split by column phase (s = R m + ph lives in
 // phase row ph at m), so output column x of cell u reads phase row (J_u mod R) at x + floor(J_u / R).
-// The backward runs the same two stages transposed. One private A row (all cells) at a time keeps
-// the working set in cache. The sum is reassociated, so float64 keeps the exact 16-term path
-// (bit-identical to detectron2's order).
+// The backward runs the same two stages transposed. A task keeps a block of A rows of only two cell
+// rows vi at a time (output cell row v reads cell rows floor(v^) and ceil(v^), which never decrease
+// with v), so the working set stays in L2 while every plane is read and written in long runs. The sum
+// is reassociated, so float64 keeps the exact 16-term path (bit-identical to detectron2's order).
+// When every weight is 0 or 1 (lambda 1, odd S) the path reduces to plane shifts (see ShiftPlan).
 // ---------------------------------------------------------------------------------------------
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
@@ -182,79 +186,131 @@ inline void stencil2x2(float* dst, const float* a, const float* b, float wa0, fl
   stencil2x2_f32(dst, a, b, wa0, wa1, wb0, wb1, n);
 }
 
-// o[i] = (w0 a0[i] + w1 a1[i]) + (w2 a2[i] + w3 a3[i]), i in [0, n): stage B, the 4 cell taps.
+// Row y of o (stride os) = (w0 a0 + w1 a1) + (w2 a2 + w3 a3) over the rows y of a0..a3 (stride as), n values
+// per row, y in [0, rows): stage B, the 4 cell taps, for the run of rows of one output plane. One call per
+// run, not per row: the rows are short (24-48 values on the benchmark shapes), and a call per row
+// measured ~15% slower (here and in axpy4).
 template <typename out_t, typename acc_t>
-inline void sum4(out_t* o, const acc_t* const a[4], const acc_t w[4], int64_t n) {
-  const acc_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
-  for (int64_t i = 0; i < n; ++i)
-    o[i] = static_cast<out_t>((w[0] * a0[i] + w[1] * a1[i]) + (w[2] * a2[i] + w[3] * a3[i]));
+inline void sum4(out_t* o, int64_t os, const acc_t* const a[4], int64_t as, const acc_t w[4], int64_t n, int64_t rows) {
+  for (int64_t y = 0; y < rows; ++y) {
+    const acc_t *a0 = a[0] + y * as, *a1 = a[1] + y * as, *a2 = a[2] + y * as, *a3 = a[3] + y * as;
+    out_t* oy = o + y * os;
+    for (int64_t i = 0; i < n; ++i)
+      oy[i] = static_cast<out_t>((w[0] * a0[i] + w[1] * a1[i]) + (w[2] * a2[i] + w[3] * a3[i]));
+  }
 }
-TM_SIMD_CLONES void sum4_f32(float* o, const float* a0, const float* a1, const float* a2, const float* a3, float w0,
-                             float w1, float w2, float w3, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) o[i] = (w0 * a0[i] + w1 * a1[i]) + (w2 * a2[i] + w3 * a3[i]);
+TM_SIMD_CLONES void sum4_f32(float* o, int64_t os, const float* a0, const float* a1, const float* a2, const float* a3,
+                             int64_t as, float w0, float w1, float w2, float w3, int64_t n, int64_t rows) {
+  for (int64_t y = 0; y < rows; ++y, o += os, a0 += as, a1 += as, a2 += as, a3 += as)
+    for (int64_t i = 0; i < n; ++i) o[i] = (w0 * a0[i] + w1 * a1[i]) + (w2 * a2[i] + w3 * a3[i]);
 }
-inline void sum4(float* o, const float* const a[4], const float w[4], int64_t n) {
-  sum4_f32(o, a[0], a[1], a[2], a[3], w[0], w[1], w[2], w[3], n);
+inline void sum4(float* o, int64_t os, const float* const a[4], int64_t as, const float w[4], int64_t n, int64_t rows) {
+  sum4_f32(o, os, a[0], a[1], a[2], a[3], as, w[0], w[1], w[2], w[3], n, rows);
 }
 
-// d_q[i] += w_q * src[i] for q = 0..3, i in [0, n): stage B transposed, one output row into the
-// phase rows of its 4 cell taps (4 distinct rows: the callers send skipped taps to scratch rows).
+// Row y of d_q (stride ds) += w_q * row y of src (stride ss) for q = 0..3, n values per row, y in [0, rows):
+// stage B transposed, the run of rows of one grad_out plane into the phase rows of their 4 cell taps
+// (4 distinct rows: the callers send skipped taps to scratch rows).
 template <typename acc_t, typename in_t>
-inline void axpy4(acc_t* const d[4], const in_t* src, const acc_t w[4], int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t g = static_cast<acc_t>(src[i]);
-    d[0][i] += w[0] * g;
-    d[1][i] += w[1] * g;
-    d[2][i] += w[2] * g;
-    d[3][i] += w[3] * g;
-  }
+inline void axpy4(acc_t* const d[4], int64_t ds, const in_t* src, int64_t ss, const acc_t w[4], int64_t n,
+                  int64_t rows) {
+  for (int64_t y = 0; y < rows; ++y)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t g = static_cast<acc_t>(src[y * ss + i]);
+      d[0][y * ds + i] += w[0] * g;
+      d[1][y * ds + i] += w[1] * g;
+      d[2][y * ds + i] += w[2] * g;
+      d[3][y * ds + i] += w[3] * g;
+    }
 }
 TM_SIMD_CLONES void axpy4_f32(float* __restrict d0, float* __restrict d1, float* __restrict d2,
-                              float* __restrict d3, const float* __restrict src, float w0, float w1, float w2,
-                              float w3, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float g = src[i];
-    d0[i] += w0 * g;
-    d1[i] += w1 * g;
-    d2[i] += w2 * g;
-    d3[i] += w3 * g;
-  }
+                              float* __restrict d3, int64_t ds, const float* __restrict src, int64_t ss, float w0,
+                              float w1, float w2, float w3, int64_t n, int64_t rows) {
+  for (int64_t y = 0; y < rows; ++y, d0 += ds, d1 += ds, d2 += ds, d3 += ds, src += ss)
+    for (int64_t i = 0; i < n; ++i) {
+      const float g = src[i];
+      d0[i] += w0 * g;
+      d1[i] += w1 * g;
+      d2[i] += w2 * g;
+      d3[i] += w3 * g;
+    }
 }
-inline void axpy4(float* const d[4], const float* src, const float w[4], int64_t n) {
-  axpy4_f32(d[0], d[1], d[2], d[3], src, w[0], w[1], w[2], w[3], n);
+inline void axpy4(float* const d[4], int64_t ds, const float* src, int64_t ss, const float w[4], int64_t n,
+                  int64_t rows) {
+  axpy4_f32(d[0], d[1], d[2], d[3], ds, src, ss, w[0], w[1], w[2], w[3], n, rows);
 }
 
-// Phase split of rows of R * len values: phases[ph * len + j] = row[R j + ph] (split = true), or
-// its inverse (split = false). R is a compile-time constant for the common lambdas so that the
-// compiler turns the strided accesses into shuffles.
+// Phase split of a row of R * len values: phases[ph * len + j] = row[R j + ph]. R is a compile-time
+// constant for the common lambdas so that the compiler turns the strided loads into shuffles.
 template <int kR>
-inline void phase_copy(float* row, float* phases, int64_t len, int64_t stride, bool split) {
+inline void phase_split(const float* row, float* phases, int64_t len, int64_t stride) {
   const int64_t R = kR > 0 ? kR : stride;
-  if (split) {
-    for (int64_t j = 0; j < len; ++j)
-      for (int64_t ph = 0; ph < R; ++ph) phases[ph * len + j] = row[R * j + ph];
-  } else {
-    for (int64_t j = 0; j < len; ++j)
-      for (int64_t ph = 0; ph < R; ++ph) row[R * j + ph] = phases[ph * len + j];
-  }
+  for (int64_t j = 0; j < len; ++j)
+    for (int64_t ph = 0; ph < R; ++ph) phases[ph * len + j] = row[R * j + ph];
 }
-TM_SIMD_CLONES void phase_copy_f32(float* row, float* phases, int64_t len, int64_t stride, bool split) {
+TM_SIMD_CLONES void phase_split_f32(const float* row, float* phases, int64_t len, int64_t stride) {
   switch (stride) {
-    case 2: return phase_copy<2>(row, phases, len, stride, split);
-    case 4: return phase_copy<4>(row, phases, len, stride, split);
-    case 8: return phase_copy<8>(row, phases, len, stride, split);
-    default: return phase_copy<0>(row, phases, len, stride, split);
+    case 2: return phase_split<2>(row, phases, len, stride);
+    case 4: return phase_split<4>(row, phases, len, stride);
+    case 8: return phase_split<8>(row, phases, len, stride);
+    default: return phase_split<0>(row, phases, len, stride);
   }
 }
 
-// Software prefetch of `bytes` bytes for reading. The separable kernels visit a short run of rows in
-// each of many planes, a stride the hardware prefetcher does not follow, so they ask a few planes
-// ahead for the input they will read next.
+// The backward's stage A transposed, read from phase-split gA rows and written interleaved, for rows
+// rows of one gX plane: row y of dst (stride win) gets dst[s] = (w01 g0(s - 1) + w00 g0(s)) +
+// (w11 g1(s - 1) + w10 g1(s)), s in [0, win), with g0 = gA row y (at g + y gs) and g1 = the gA row before
+// it (at g0 - gs), where g(s) for s = R m + ph (m >= -1) is g[ph * len + m + 1] (the PhaseLayout of one
+// cell; R = 1: g(s) = g[s + 1]). The phase-s loop is unrolled for the common R, so the interleaved stores
+// become shuffles; one call per run of rows, like sum4.
+template <int kR, typename out_t, typename acc_t>
+inline void stencil_phases(out_t* dst, const acc_t* g, int64_t gs, int64_t len, int64_t stride, int64_t win,
+                           int64_t rows, acc_t w01, acc_t w00, acc_t w11, acc_t w10) {
+  const int64_t R = kR > 0 ? kR : stride, full = win / R;
+  for (int64_t y = 0; y < rows; ++y, dst += win, g += gs) {
+    const acc_t *g0 = g, *g1 = g - gs;
+    auto value = [&](int64_t j, int64_t ph) {  // s = R j + ph; g(s - 1) is phase R - 1 at j - 1 when ph = 0
+      const int64_t at = ph * len + j + 1, before = ph > 0 ? at - len : (R - 1) * len + j;
+      return static_cast<out_t>((w01 * g0[before] + w00 * g0[at]) + (w11 * g1[before] + w10 * g1[at]));
+    };
+    for (int64_t j = 0; j < full; ++j)
+      for (int64_t ph = 0; ph < R; ++ph) dst[R * j + ph] = value(j, ph);
+    for (int64_t ph = 0; R * full + ph < win; ++ph) dst[R * full + ph] = value(full, ph);
+  }
+}
+template <typename out_t, typename acc_t>
+inline void stencil_phases(out_t* dst, const acc_t* g, int64_t gs, int64_t len, int64_t stride, int64_t win,
+                           int64_t rows, acc_t w01, acc_t w00, acc_t w11, acc_t w10) {
+  stencil_phases<0>(dst, g, gs, len, stride, win, rows, w01, w00, w11, w10);
+}
+TM_SIMD_CLONES void stencil_phases_f32(float* dst, const float* g, int64_t gs, int64_t len, int64_t stride,
+                                       int64_t win, int64_t rows, float w01, float w00, float w11, float w10) {
+  switch (stride) {
+    case 1: return stencil_phases<1>(dst, g, gs, len, stride, win, rows, w01, w00, w11, w10);
+    case 2: return stencil_phases<2>(dst, g, gs, len, stride, win, rows, w01, w00, w11, w10);
+    case 4: return stencil_phases<4>(dst, g, gs, len, stride, win, rows, w01, w00, w11, w10);
+    case 8: return stencil_phases<8>(dst, g, gs, len, stride, win, rows, w01, w00, w11, w10);
+    default: return stencil_phases<0>(dst, g, gs, len, stride, win, rows, w01, w00, w11, w10);
+  }
+}
+inline void stencil_phases(float* dst, const float* g, int64_t gs, int64_t len, int64_t stride, int64_t win,
+                           int64_t rows, float w01, float w00, float w11, float w10) {
+  stencil_phases_f32(dst, g, gs, len, stride, win, rows, w01, w00, w11, w10);
+}
+
+// Software prefetch of `bytes` bytes for reading. The separable kernels visit a run of rows in each of
+// many planes, jumps the hardware prefetcher does not foresee, so they ask a few planes ahead for the
+// input they will read next.
 inline void prefetch_row(const void* ptr, int64_t bytes) {
   const char* p = static_cast<const char*>(ptr);
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 3);
 }
-constexpr int64_t kPrefetchAhead = 16;  // planes ahead (8 and 16 measured alike, 4 slower)
+// How many planes ahead to prefetch when each plane is read in runs of run_bytes: about 32 KB ahead
+// (16 and 64 KB measured alike, no prefetch ~15% slower).
+inline int64_t prefetch_ahead(int64_t run_bytes) {
+  constexpr int64_t kPrefetchBytes = 32 * 1024;
+  return std::max<int64_t>(1, kPrefetchBytes / std::max<int64_t>(1, run_bytes));
+}
 
 // dst[i] = src[i], i in [0, n), for results written once and not read again soon (the kernels'
 // outputs, when they are too big to stay in cache anyway: see kStreamBytes). float32 on x86 uses
@@ -277,11 +333,10 @@ inline void store_fence() { _mm_sfence(); }  // non-temporal stores are weakly o
 inline void store_fence() {}
 #endif
 
-// Layout of one A row (all cells) in the separable path, phase split: with m_len = (Win + 1) / R + 2,
-// A(c, s = R m + ph) lives at [(c R + ph) m_len + m + 1], m = -1 .. (Win - 1) / R; after the cells,
-// one phase row of pad values (the forward's taps outside the input read it), then 4 scratch phase
-// rows (the backward sends the taps that get no gradient there). Interleaved back, the same values
-// are one row per cell of R m_len entries with A(c, s) at [c R m_len + R + s].
+// Layout of one A row of one cell row vi (the Uin cells (vi, 0 .. Uin-1)) in the separable path, phase
+// split: with m_len = (Win + 1) / R + 2, A(ui, s = R m + ph) lives at [(ui R + ph) m_len + m + 1],
+// m = -1 .. (Win - 1) / R; after the cells, one phase row of pad values (the forward's taps outside the
+// input read it), then 4 scratch phase rows (the backward sends the taps that get no gradient there).
 struct PhaseLayout {
   int64_t stride, m_len, plane, pad_at, scratch_at, size;  // R, phase-row length, values per cell, ...
   PhaseLayout(int64_t r, int64_t win, int64_t cells)
@@ -290,9 +345,10 @@ struct PhaseLayout {
 };
 
 // Stage B of output cell (v, u), precomputed once per call: the 4 cell taps (c, d) as offsets of
-// their phase rows in the phase buffer, shifted so that element x is the tap of output column x,
-// and their weights wv_c wu_d. A tap outside the input points at the pad row (forward, off); the
-// backward's offsets (grad_off) send the taps that get no gradient (outside, or weight 0) to scratch.
+// their phase rows in an A row of cell row vs[c] (the v tap c), shifted so that element x is the tap of
+// output column x, and their weights wv_c wu_d. A tap outside the input points at the pad row
+// (forward, off); the backward's offsets (grad_off) send the taps that get no gradient (outside, or
+// weight 0) to scratch.
 template <typename acc_t>
 struct CellPlan {
   int64_t off[4], grad_off[4];
@@ -317,8 +373,7 @@ std::vector<CellPlan<acc_t>> make_cell_plans(const Align2NatParams& p, const Sep
         for (int d = 0; d < 2; ++d) {
           const int q = c * 2 + d;
           const bool inside = vs[c] >= 0 && vs[c] < p.vin && us[d] >= 0 && us[d] < p.uin;
-          cp.off[q] = inside ? ((vs[c] * p.uin + us[d]) * lay.stride + st.ph_u[u]) * lay.m_len + shift
-                             : lay.pad_at + shift;
+          cp.off[q] = inside ? (us[d] * lay.stride + st.ph_u[u]) * lay.m_len + shift : lay.pad_at + shift;
           cp.w[q] = wv[c] * wu[d];
           // Two taps with nonzero weight never share a cell (equal taps have w_hi = 0), so the 4
           // destinations of the backward are distinct rows.
@@ -331,13 +386,27 @@ std::vector<CellPlan<acc_t>> make_cell_plans(const Align2NatParams& p, const Sep
   return plans;
 }
 
-// How many output rows y of each (v, u) plane one task handles: the kernels walk all the planes per
-// task, so longer runs per plane give the memory system longer contiguous bursts; bounded by the
-// private buffer of R Y phase-split rows (at most ~768 KB, so that it stays in a 1 MB L2; measured on
-// the benchmark shapes: Y = 4 for lambda 2, 2 for lambda 4, 8 for lambda 1).
-inline int64_t rows_per_task(const PhaseLayout& lay, int64_t elem_bytes) {
-  const int64_t per_y = lay.stride * lay.size * elem_bytes;
-  return std::min<int64_t>(8, std::max<int64_t>(1, (768 * 1024) / per_y));
+// The cell rows that output cell row v reads (forward) or sends gradient to (backward, nonzero weight
+// only): rows[c] is the v tap c, or -1 when it is outside the input (or gets no gradient). Both taps
+// lie in consecutive cell rows that never decrease with v, so the kernels walk v in order and keep
+// only two cell rows of A (or gA) at a time, in the ring slot of their parity.
+template <typename acc_t>
+inline void tap_rows(const AxisTaps<acc_t>& tv, int64_t vin, bool nonzero_only, int64_t rows[2]) {
+  const int64_t vs[2] = {tv.lo, tv.hi};
+  const acc_t wv[2] = {tv.w_lo, tv.w_hi};
+  for (int c = 0; c < 2; ++c)
+    rows[c] = vs[c] >= 0 && vs[c] < vin && !(nonzero_only && wv[c] == acc_t(0)) ? vs[c] : -1;
+}
+
+// How many A (or gA) rows one task handles: the kernels walk all the planes per task, so longer runs
+// per plane give the memory system longer contiguous bursts (the hardware prefetcher follows them);
+// bounded by the private ring of 2 cell rows (at most ~768 KB, so that it stays in a 1 MB L2), a
+// multiple of R, and evened out over the blocks of an image.
+inline int64_t rows_per_block(const PhaseLayout& lay, int64_t elem_bytes, int64_t total) {
+  const int64_t R = lay.stride, fit = (768 * 1024) / (2 * lay.size * elem_bytes);
+  const int64_t blocks = (total + std::max(fit, R) - 1) / std::max(fit, R);
+  const int64_t rows = (total + blocks - 1) / blocks;
+  return (rows + R - 1) / R * R;
 }
 
 // Output rows [y0, y1) of cell v whose A row R y + K_v lies in [ra, rz).
@@ -346,70 +415,183 @@ inline void user_rows(int64_t stride, int64_t k_v, int64_t ra, int64_t rz, int64
   *y1 = std::max(std::min(-floor_div(k_v - rz, stride), hout), *y0);             // ceil((rz - K_v) / R)
 }
 
-// Forward, one task per block of R Y A rows (n, r = rb .. rb + R Y - 1, r from -1 to Hin-1): stage A
-// for all Vin*Uin cells into a private phase-split buffer (each X plane read in one run of rows), then
-// stage B as contiguous 4-row weighted sums, Y consecutive rows of every output plane per task.
+// The pure-shift case of the separable path (swap_align2nat with lambda 1 and odd S): R = 1, spatial
+// weights (1, 0) and one cell tap of weight 1 per output cell, no two output cells on one input cell.
+// Then out(n, v, u, y, x) = X(n, cell(v, u), y + K_v, x + J_u) (pad outside) and the backward is the
+// inverse shift (0 outside): plane copies, with none of the zero-weight taps. (The general path would
+// give the same values: it adds those taps times 0.)
+struct ShiftPlan {
+  bool ok = false;
+  std::vector<int64_t> cell;    // (Vout*Uout): the input cell that output cell (v, u) copies, or -1 (pad only)
+  std::vector<int64_t> source;  // (Vin*Uin): the output cell that copies input cell c, or -1 (no gradient)
+};
+
+template <typename acc_t>
+ShiftPlan make_shift_plan(const Align2NatParams& p, const SeparableTaps<acc_t>& st) {
+  ShiftPlan sp;
+  const acc_t one(1), zero(0);
+  if (st.stride != 1 || st.wy[0] != one || st.wy[1] != zero || st.wx[0] != one || st.wx[1] != zero) return sp;
+  sp.cell.assign(p.vout * p.uout, -1);
+  sp.source.assign(p.vin * p.uin, -1);
+  for (int64_t v = 0; v < p.vout; ++v)
+    for (int64_t u = 0; u < p.uout; ++u) {
+      const AxisTaps<acc_t>& tv = st.v_taps[v];
+      const AxisTaps<acc_t>& tu = st.u_taps[u];
+      if (tv.w_lo != one || tv.w_hi != zero || tu.w_lo != one || tu.w_hi != zero) return sp;
+      if (tv.lo < 0 || tv.lo >= p.vin || tu.lo < 0 || tu.lo >= p.uin) continue;
+      const int64_t c = tv.lo * p.uin + tu.lo;
+      if (sp.source[c] >= 0) return sp;
+      sp.source[c] = v * p.uout + u;
+      sp.cell[v * p.uout + u] = c;
+    }
+  sp.ok = true;
+  return sp;
+}
+
+// dst (hd, wd) = src (hs, ws) shifted: dst[y][x] = src[y + dy][x + dx], `fill` where that is outside
+// src (or everywhere when src is null). Staged and stored at once when `staged` is given.
+template <typename scalar_t>
+void shifted_plane(scalar_t* dst, int64_t hd, int64_t wd, const scalar_t* src, int64_t hs, int64_t ws, int64_t dy,
+                   int64_t dx, scalar_t fill, scalar_t* staged) {
+  scalar_t* o = staged ? staged : dst;
+  const int64_t x0 = std::min(std::max<int64_t>(-dx, 0), wd), x1 = std::max(std::min(ws - dx, wd), x0);
+  for (int64_t y = 0; y < hd; ++y, o += wd) {
+    const int64_t r = y + dy;
+    if (!src || r < 0 || r >= hs) {
+      std::fill(o, o + wd, fill);
+      continue;
+    }
+    std::fill(o, o + x0, fill);
+    std::copy(src + r * ws + x0 + dx, src + r * ws + x1 + dx, o + x0);
+    std::fill(o + x1, o + wd, fill);
+  }
+  if (staged) store_once(dst, staged, hd * wd);
+}
+
+// The shift path over all planes of one direction: dst plane i copies src plane from[i] (or -1).
+template <typename scalar_t>
+void shift_planes(scalar_t* dst, int64_t dst_planes, int64_t hd, int64_t wd, const scalar_t* src, int64_t src_planes,
+                  int64_t hs, int64_t ws, const std::vector<int64_t>& from, const std::vector<int64_t>& dy,
+                  const std::vector<int64_t>& dx, scalar_t fill, int64_t batch) {
+  const bool stream = batch * dst_planes * hd * wd * int64_t(sizeof(scalar_t)) >= kStreamBytes;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, hd * wd));
+  at::parallel_for(0, batch * dst_planes, grain, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> staged(stream ? hd * wd : 0);
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t n = k / dst_planes, i = k % dst_planes, j = from[i];
+      const scalar_t* sp = j >= 0 ? src + (n * src_planes + j) * hs * ws : nullptr;
+      shifted_plane(dst + k * hd * wd, hd, wd, sp, hs, ws, dy[i], dx[i], fill, stream ? staged.data() : nullptr);
+    }
+    store_fence();
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void shift_forward(const scalar_t* x, scalar_t* out, const Align2NatParams& p, const SeparableTaps<acc_t>& st,
+                   const ShiftPlan& sp, acc_t pad) {
+  std::vector<int64_t> dy(p.vout * p.uout), dx(p.vout * p.uout);
+  for (int64_t i = 0; i < p.vout * p.uout; ++i) dy[i] = st.k_v[i / p.uout], dx[i] = st.j_u[i % p.uout];
+  shift_planes(out, p.vout * p.uout, p.hout, p.wout, x, p.vin * p.uin, p.hin, p.win, sp.cell, dy, dx,
+               static_cast<scalar_t>(pad), p.batch);
+}
+
+template <typename scalar_t, typename acc_t>
+void shift_backward(const scalar_t* grad_out, scalar_t* grad_x, const Align2NatParams& p,
+                    const SeparableTaps<acc_t>& st, const ShiftPlan& sp) {
+  std::vector<int64_t> dy(p.vin * p.uin, 0), dx(p.vin * p.uin, 0);
+  for (int64_t c = 0; c < p.vin * p.uin; ++c)
+    if (sp.source[c] >= 0) dy[c] = -st.k_v[sp.source[c] / p.uout], dx[c] = -st.j_u[sp.source[c] % p.uout];
+  shift_planes(grad_x, p.vin * p.uin, p.hin, p.win, grad_out, p.vout * p.uout, p.hout, p.wout, sp.source, dy, dx,
+               static_cast<scalar_t>(0), p.batch);
+}
+
+// Forward, one task per block of A rows (n, r = rb .. re - 1, r from -1 to Hin-1): the output cell rows
+// v in order, each from the two cell rows of A it reads, computed when first needed (stage A for their
+// Uin cells into a private phase-split ring slot: each X plane read in one run of rows), then stage B
+// as contiguous 4-row weighted sums, the block's rows of every output plane (v, u) in one run.
 template <typename scalar_t, typename acc_t>
 void separable_forward(const scalar_t* x, scalar_t* out, const Align2NatParams& p, const SeparableTaps<acc_t>& st,
                        acc_t pad) {
   const int64_t cells = p.vin * p.uin, R = st.stride, plane_out = p.hout * p.wout, plane_in = p.hin * p.win;
-  const PhaseLayout lay(R, p.win, cells);
+  const PhaseLayout lay(R, p.win, p.uin);
   const std::vector<CellPlan<acc_t>> plans = make_cell_plans(p, st, lay, pad);
   const acc_t w00 = st.wy[0] * st.wx[0], w01 = st.wy[0] * st.wx[1], w10 = st.wy[1] * st.wx[0],
               w11 = st.wy[1] * st.wx[1];
   const std::vector<scalar_t> pad_row(p.win + 1, static_cast<scalar_t>(pad));  // an X row outside the input
-  const int64_t block = R * rows_per_task(lay, sizeof(acc_t));
+  const int64_t block = rows_per_block(lay, sizeof(acc_t), p.hin + 1);
   const int64_t blocks = (p.hin + 1 + block - 1) / block;
   const bool stream = p.batch * p.vout * p.uout * plane_out * int64_t(sizeof(scalar_t)) >= kStreamBytes;
 
   at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    // A rows rb .. rb + block - 1: row i phase split at [i lay.size] (+ its pad row), see PhaseLayout.
-    std::vector<acc_t> phases(block * lay.size, pad);
+    // Ring slot i holds A rows rb .. rb + block - 1 of one cell row, row r at [(i block + r - rb) lay.size].
+    // Stage A writes every cell's phase rows in full, so only the pad rows need a value up front.
+    const std::unique_ptr<acc_t[]> ring(new acc_t[2 * block * lay.size]);
+    for (int64_t i = 0; i < 2 * block; ++i)
+      std::fill(ring.get() + i * lay.size + lay.pad_at, ring.get() + i * lay.size + lay.scratch_at, pad);
     std::vector<acc_t> row(lay.plane, pad);  // one A row of one cell, interleaved: s at [R + s]
     std::vector<scalar_t> staged(stream ? block * p.wout : 0);  // rows of one cell (v, u), stored at once
     for (int64_t k = begin; k < end; ++k) {
       const int64_t n = k / blocks, rb = (k % blocks) * block - 1, re = std::min(rb + block, p.hin);
-      for (int64_t c = 0; c < cells; ++c) {  // stage A: X rows r and r + 1 (the pad row where outside)
-        const scalar_t* xp = x + (n * cells + c) * plane_in;
-        if (c + kPrefetchAhead < cells) {
+      int64_t held[2] = {-1, -1};  // the cell row in each ring slot
+      // A rows [rb, re) of cell row vi (stage A: X rows r and r + 1, the pad row where outside).
+      auto cell_row = [&](int64_t vi) {
+        acc_t* slot = ring.get() + (vi & 1) * block * lay.size;
+        if (held[vi & 1] == vi) return slot;
+        held[vi & 1] = vi;
+        for (int64_t ui = 0; ui < p.uin; ++ui) {
+          const int64_t c = vi * p.uin + ui;
+          const scalar_t* xp = x + (n * cells + c) * plane_in;
           const int64_t first = std::max<int64_t>(rb, 0), last = std::min(re + 1, p.hin);
-          if (first < last)
-            prefetch_row(xp + kPrefetchAhead * plane_in + first * p.win, (last - first) * p.win * sizeof(scalar_t));
+          const int64_t ahead = prefetch_ahead((last - first) * p.win * sizeof(scalar_t));
+          if (c + ahead < cells && first < last)
+            prefetch_row(xp + ahead * plane_in + first * p.win, (last - first) * p.win * sizeof(scalar_t));
+          for (int64_t r = rb; r < re; ++r) {
+            const scalar_t* x0 = r >= 0 ? xp + r * p.win : pad_row.data();
+            const scalar_t* x1 = r + 1 < p.hin ? xp + (r + 1) * p.win : pad_row.data();
+            acc_t* ph = slot + (r - rb) * lay.size + ui * lay.plane;
+            // R = 1 needs no phase split: write straight into the slot (s at [1 + s]).
+            acc_t* dst = R == 1 ? ph + 1 : row.data() + R;
+            auto at = [&](const scalar_t* xr, int64_t s) {
+              return (s >= 0 && s < p.win) ? static_cast<acc_t>(xr[s]) : pad;
+            };
+            dst[-1] = (w00 * pad + w01 * at(x0, 0)) + (w10 * pad + w11 * at(x1, 0));
+            stencil2x2(dst, x0, x1, w00, w01, w10, w11, p.win - 1);
+            dst[p.win - 1] = (w00 * at(x0, p.win - 1) + w01 * pad) + (w10 * at(x1, p.win - 1) + w11 * pad);
+            if (R > 1) phase_split_f32(row.data(), ph, lay.m_len, R);
+          }
         }
-        for (int64_t r = rb; r < re; ++r) {
-          const scalar_t* x0 = r >= 0 ? xp + r * p.win : pad_row.data();
-          const scalar_t* x1 = r + 1 < p.hin ? xp + (r + 1) * p.win : pad_row.data();
-          acc_t* ph = phases.data() + (r - rb) * lay.size + c * lay.plane;
-          // R = 1 needs no phase split: write straight into the phase buffer (s at [1 + s]).
-          acc_t* dst = R == 1 ? ph + 1 : row.data() + R;
-          auto at = [&](const scalar_t* xr, int64_t s) {
-            return (s >= 0 && s < p.win) ? static_cast<acc_t>(xr[s]) : pad;
-          };
-          dst[-1] = (w00 * pad + w01 * at(x0, 0)) + (w10 * pad + w11 * at(x1, 0));
-          stencil2x2(dst, x0, x1, w00, w01, w10, w11, p.win - 1);
-          dst[p.win - 1] = (w00 * at(x0, p.win - 1) + w01 * pad) + (w10 * at(x1, p.win - 1) + w11 * pad);
-          if (R > 1) phase_copy_f32(row.data(), ph, lay.m_len, R, true);
-        }
-      }
+        return slot;
+      };
       for (int64_t v = 0; v < p.vout; ++v) {  // stage B: output rows [y0, y1) of every cell (v, u)
-        int64_t y0, y1;
+        int64_t y0, y1, rows[2];
         user_rows(R, st.k_v[v], rb, re, p.hout, &y0, &y1);
         if (y0 == y1) continue;
+        tap_rows(st.v_taps[v], p.vin, false, rows);
         scalar_t* o = out + ((n * p.vout + v) * p.uout * p.hout + y0) * p.wout;  // cell (v, 0), row y0
         const CellPlan<acc_t>* cp = plans.data() + v * p.uout;
+        if (rows[0] < 0 && rows[1] < 0) {  // both v taps outside: pad only
+          for (int64_t u = 0; u < p.uout; ++u, ++cp, o += plane_out)
+            std::fill(o, o + (y1 - y0) * p.wout, static_cast<scalar_t>(cp->outside));
+          continue;
+        }
+        // The taps outside the input read the pad rows of the other tap's slot.
+        const acc_t* slot[2] = {rows[0] >= 0 ? cell_row(rows[0]) : nullptr, rows[1] >= 0 ? cell_row(rows[1]) : nullptr};
+        if (!slot[0]) slot[0] = slot[1];
+        if (!slot[1]) slot[1] = slot[0];
         for (int64_t u = 0; u < p.uout; ++u, ++cp, o += plane_out) {
           const int64_t xb = cp->x_begin, xe = cp->x_end;
           const scalar_t outside = static_cast<scalar_t>(cp->outside);
           // Rows y0 .. y1-1 of cell (v, u): straight into the output, or staged for non-temporal stores.
           scalar_t* dst = stream ? staged.data() : o;
-          for (int64_t y = y0; y < y1; ++y) {
-            scalar_t* oy = dst + (y - y0) * p.wout;
-            const acc_t* base = phases.data() + (R * y + st.k_v[v] - rb) * lay.size + xb;
-            const acc_t* rows[4] = {base + cp->off[0], base + cp->off[1], base + cp->off[2], base + cp->off[3]};
-            std::fill(oy, oy + xb, outside);
-            sum4(oy + xb, rows, cp->w, xe - xb);
-            std::fill(oy + xe, oy + p.wout, outside);
-          }
+          const int64_t at = (R * y0 + st.k_v[v] - rb) * lay.size + xb;  // A row R y0 + K_v, column xb
+          const acc_t* taps[4] = {slot[0] + at + cp->off[0], slot[0] + at + cp->off[1], slot[1] + at + cp->off[2],
+                                  slot[1] + at + cp->off[3]};
+          sum4(dst + xb, p.wout, taps, R * lay.size, cp->w, xe - xb, y1 - y0);
+          if (xb > 0 || xe < p.wout)
+            for (scalar_t* oy = dst; oy < dst + (y1 - y0) * p.wout; oy += p.wout) {
+              std::fill(oy, oy + xb, outside);
+              std::fill(oy + xe, oy + p.wout, outside);
+            }
           if (stream) store_once(o, staged.data(), (y1 - y0) * p.wout);
         }
       }
@@ -431,80 +613,106 @@ void separable_forward(const scalar_t* x, scalar_t* out, const Align2NatParams& 
   });
 }
 
-// Backward, a gather per block of R Y gA rows (n, r = rb .. rb + R Y - 1, from -1 to Hin-1): stage B
-// transposed (each gA row collects, phase split, the output rows that read it, as contiguous
-// multiply-adds into a private buffer, Y consecutive rows of every grad_out plane per task; then it is
-// interleaved), and from each consecutive pair of gA rows, gX row r = sum_ab wy_a wx_b gA(r - a, s - b)
-// (stage A transposed). gA row rb - 1 is carried over from the previous block of the same task, or
-// recomputed at a task's first block. Every gA element sums its terms in the same (v, u, tap) order
-// whatever the blocks, so the result does not depend on the number of threads.
+// Backward, a gather per block of gX rows (n, r = first .. re - 1, the blocks of the forward): stage B
+// transposed, then stage A transposed, walking the output cell rows v in order with a ring of two gA
+// cell rows like the forward. A slot holds gA rows ra .. re - 1 (ra = max(rb - 1, -1): the block's A
+// rows and the one above them, which gX row rb needs) of the Uin cells of one cell row, phase split.
+// Each grad_out row of (v, u) is added (4 contiguous multiply-adds) into the gA rows of the two cell
+// rows it taps; once no later v taps a cell row (all later taps are >= the v tap lo), its gX rows are
+// gX(r, s) = sum_ab wy_a wx_b gA(r - a, s - b), read straight from the phase rows and written
+// interleaved, each X plane in one run of rows. Cell rows that no output taps get zeros. The gA row
+// above a block is recomputed, not carried over, so every gA value sums its terms in the same
+// (v, u, tap) order whatever the blocks and tasks: the result does not depend on the thread count.
 template <typename scalar_t, typename acc_t>
 void separable_backward(const scalar_t* grad_out, scalar_t* grad_x, const Align2NatParams& p,
                         const SeparableTaps<acc_t>& st) {
-  const int64_t cells = p.vin * p.uin, R = st.stride, plane_out = p.hout * p.wout;
-  const PhaseLayout lay(R, p.win, cells);
+  const int64_t cells = p.vin * p.uin, R = st.stride, plane_out = p.hout * p.wout, plane_in = p.hin * p.win;
+  const PhaseLayout lay(R, p.win, p.uin);
   const std::vector<CellPlan<acc_t>> plans = make_cell_plans(p, st, lay, acc_t(0));
   const acc_t w00 = st.wy[0] * st.wx[0], w01 = st.wy[0] * st.wx[1], w10 = st.wy[1] * st.wx[0],
               w11 = st.wy[1] * st.wx[1];
-  const int64_t block = R * rows_per_task(lay, sizeof(acc_t));
+  const int64_t block = rows_per_block(lay, sizeof(acc_t), p.hin + 1);
   const int64_t blocks = (p.hin + 1 + block - 1) / block;
-  const bool stream = p.batch * cells * p.hin * p.win * int64_t(sizeof(scalar_t)) >= kStreamBytes;
+  const int64_t slot_size = (block + 1) * lay.size;
+  const bool stream = p.batch * cells * plane_in * int64_t(sizeof(scalar_t)) >= kStreamBytes;
 
   at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    // gA rows ra .. rz - 1, phase split: row i at [i lay.size] (R = 1: this is already the interleaved layout).
-    std::vector<acc_t> split(R > 1 ? block * lay.size : 0);
-    // gA rows rb - 1 .. rb + block - 1, interleaved: row i (gA row rb - 1 + i), cell c, column s at
-    // [i lay.size + c plane + R + s].
-    std::vector<acc_t> ga((block + 1) * lay.size);
+    // Ring slot i holds gA rows ra .. re - 1 of one cell row, row r at [i slot_size + (r - ra) lay.size].
+    // Its cell phase rows are zeroed when a cell row moves in. The scratch rows (where the taps that get
+    // no gradient go) are only added to and never used, so they are zeroed once here (no stray NaNs or
+    // denormals in the adds); the pad row is unused.
+    const std::unique_ptr<acc_t[]> ring(new acc_t[2 * slot_size]);
+    for (int64_t i = 0; i < 2 * (block + 1); ++i)
+      std::fill(ring.get() + i * lay.size + lay.scratch_at, ring.get() + (i + 1) * lay.size, acc_t(0));
     std::vector<scalar_t> staged(stream ? block * p.win : 0);  // gX rows of one cell, stored at once
-    // gA rows [ra, rz) into ga rows starting at `dst`.
-    auto ga_rows = [&](int64_t n, int64_t ra, int64_t rz, acc_t* dst) {
-      acc_t* acc = R > 1 ? split.data() : dst;
-      for (int64_t i = 0; i < rz - ra; ++i) std::fill(acc + i * lay.size, acc + i * lay.size + lay.pad_at, acc_t(0));
-      for (int64_t v = 0; v < p.vout; ++v) {
-        int64_t y0, y1;
-        user_rows(R, st.k_v[v], ra, rz, p.hout, &y0, &y1);
-        if (y0 == y1) continue;
-        const scalar_t* go = grad_out + ((n * p.vout + v) * p.uout * p.hout + y0) * p.wout;  // cell (v, 0), row y0
-        const CellPlan<acc_t>* cp = plans.data() + v * p.uout;
-        for (int64_t u = 0; u < p.uout; ++u, ++cp, go += plane_out) {
-          if (u + kPrefetchAhead < p.uout)
-            prefetch_row(go + kPrefetchAhead * plane_out, (y1 - y0) * p.wout * sizeof(scalar_t));
-          const int64_t xb = cp->x_begin, xe = cp->x_end;
-          for (int64_t y = y0; y < y1; ++y) {
-            acc_t* a = acc + (R * y + st.k_v[v] - ra) * lay.size + xb;
-            acc_t* const d[4] = {a + cp->grad_off[0], a + cp->grad_off[1], a + cp->grad_off[2], a + cp->grad_off[3]};
-            axpy4(d, go + (y - y0) * p.wout + xb, cp->w, xe - xb);
-          }
-        }
-      }
-      if (R > 1)
-        for (int64_t i = 0; i < rz - ra; ++i)
-          for (int64_t c = 0; c < cells; ++c)
-            phase_copy_f32(dst + i * lay.size + c * lay.plane, split.data() + i * lay.size + c * lay.plane, lay.m_len,
-                           R, false);
-    };
     for (int64_t k = begin; k < end; ++k) {
       const int64_t n = k / blocks, rb = (k % blocks) * block - 1, re = std::min(rb + block, p.hin);
-      if (rb >= 0) {  // gA row rb - 1 into ga row 0
-        if (k > begin && (k - 1) / blocks == n)
-          std::copy(ga.begin() + block * lay.size, ga.begin() + (block + 1) * lay.size, ga.begin());
-        else
-          ga_rows(n, rb - 1, rb, ga.data());
-      }
-      ga_rows(n, rb, re, ga.data() + lay.size);
-      const int64_t first = std::max<int64_t>(rb, 0);
-      for (int64_t c = 0; c < cells; ++c) {  // gX rows [first, re) of cell c (staged for non-temporal stores)
-        scalar_t* gx = grad_x + ((n * cells + c) * p.hin + first) * p.win;
-        scalar_t* dst = stream ? staged.data() : gx;
-        for (int64_t r = first; r < re; ++r) {
-          const acc_t* g0 = ga.data() + (r - rb + 1) * lay.size + c * lay.plane + R;  // gA row r: g0[s], s >= -1
-          const acc_t* g1 = g0 - lay.size;                                             // gA row r - 1
-          // gx[s] = (w01 g0[s-1] + w00 g0[s]) + (w11 g1[s-1] + w10 g1[s])
-          stencil2x2(dst + (r - first) * p.win, g0 - 1, g1 - 1, w01, w00, w11, w10, p.win);
+      const int64_t ra = std::max<int64_t>(rb - 1, -1), first = std::max<int64_t>(rb, 0);
+      int64_t held[2] = {-1, -1};  // the cell row in each ring slot
+      int64_t done = 0;            // the cell rows below `done` have their gX rows written
+      // gX rows [first, re) of the cell rows done .. vi - 1, which no output taps: zeros.
+      auto zeros_below = [&](int64_t vi) {
+        for (; done < vi; ++done)
+          for (int64_t ui = 0; ui < p.uin; ++ui) {
+            scalar_t* gx = grad_x + ((n * cells + done * p.uin + ui) * p.hin + first) * p.win;
+            std::fill(gx, gx + (re - first) * p.win, scalar_t(0));
+          }
+      };
+      // gX rows [first, re) of the cells of cell row vi, from its ring slot, which is then free.
+      auto finish = [&](int64_t vi) {
+        zeros_below(vi);
+        const acc_t* slot = ring.get() + (vi & 1) * slot_size;
+        for (int64_t ui = 0; ui < p.uin; ++ui) {
+          scalar_t* gx = grad_x + ((n * cells + vi * p.uin + ui) * p.hin + first) * p.win;
+          scalar_t* dst = stream ? staged.data() : gx;
+          const acc_t* g = slot + (first - ra) * lay.size + ui * lay.plane;  // gA row `first` of cell (vi, ui)
+          stencil_phases(dst, g, lay.size, lay.m_len, R, p.win, re - first, w01, w00, w11, w10);
+          if (stream) store_once(gx, staged.data(), (re - first) * p.win);
         }
-        if (stream) store_once(gx, staged.data(), (re - first) * p.win);
+        held[vi & 1] = -1;
+        done = vi + 1;
+      };
+      // The ring slot of cell row vi, zeroed when vi moves in.
+      auto cell_row = [&](int64_t vi) {
+        acc_t* slot = ring.get() + (vi & 1) * slot_size;
+        if (held[vi & 1] == vi) return slot;
+        held[vi & 1] = vi;
+        for (int64_t i = 0; i < re - ra; ++i)
+          std::fill(slot + i * lay.size, slot + i * lay.size + lay.pad_at, acc_t(0));
+        return slot;
+      };
+      // The held cell rows below `limit`, finished in increasing order.
+      auto finish_below = [&](int64_t limit) {
+        const int64_t lo = std::min(held[0], held[1]), hi = std::max(held[0], held[1]);
+        if (lo >= 0 && lo < limit) finish(lo);
+        if (hi >= 0 && hi < limit) finish(hi);
+      };
+      for (int64_t v = 0; v < p.vout; ++v) {  // stage B transposed: grad_out rows [y0, y1) of every cell (v, u)
+        finish_below(st.v_taps[v].lo);  // no later v taps a cell row below this v's lower tap
+        int64_t y0, y1, rows[2];
+        user_rows(R, st.k_v[v], ra, re, p.hout, &y0, &y1);
+        if (y0 == y1) continue;
+        tap_rows(st.v_taps[v], p.vin, true, rows);
+        if (rows[0] < 0 && rows[1] < 0) continue;  // no gradient from this output cell row
+        // The taps that get no gradient go to the scratch rows of the other tap's slot.
+        acc_t* slot[2] = {rows[0] >= 0 ? cell_row(rows[0]) : nullptr, rows[1] >= 0 ? cell_row(rows[1]) : nullptr};
+        if (!slot[0]) slot[0] = slot[1];
+        if (!slot[1]) slot[1] = slot[0];
+        const scalar_t* go = grad_out + ((n * p.vout + v) * p.uout * p.hout + y0) * p.wout;  // cell (v, 0), row y0
+        const CellPlan<acc_t>* cp = plans.data() + v * p.uout;
+        const int64_t run_bytes = (y1 - y0) * p.wout * int64_t(sizeof(scalar_t));  // rows y0 .. y1-1 of a plane
+        const int64_t ahead = prefetch_ahead(run_bytes);
+        for (int64_t u = 0; u < p.uout; ++u, ++cp, go += plane_out) {
+          if (v * p.uout + u + ahead < p.vout * p.uout) prefetch_row(go + ahead * plane_out, run_bytes);
+          const int64_t xb = cp->x_begin, xe = cp->x_end;
+          const int64_t at = (R * y0 + st.k_v[v] - ra) * lay.size + xb;  // gA row R y0 + K_v, column xb
+          acc_t* const d[4] = {slot[0] + at + cp->grad_off[0], slot[0] + at + cp->grad_off[1],
+                               slot[1] + at + cp->grad_off[2], slot[1] + at + cp->grad_off[3]};
+          axpy4(d, R * lay.size, go + xb, p.wout, cp->w, xe - xb, y1 - y0);
+        }
       }
+      finish_below(p.vin);
+      zeros_below(p.vin);
     }
     store_fence();
   });
@@ -516,7 +724,11 @@ void forward_kernel(const scalar_t* x, scalar_t* out, const Align2NatParams& p, 
   const Geometry<acc_t> g(p);
   if constexpr (!std::is_same<scalar_t, double>::value) {
     const SeparableTaps<acc_t> separable(p, g);
-    if (separable.ok) return separable_forward(x, out, p, separable, static_cast<acc_t>(pad));
+    if (separable.ok) {
+      const ShiftPlan shift = make_shift_plan(p, separable);
+      if (shift.ok) return shift_forward(x, out, p, separable, shift, static_cast<acc_t>(pad));
+      return separable_forward(x, out, p, separable, static_cast<acc_t>(pad));
+    }
   }
   const ColumnTaps<acc_t> cols(p, g);
   const acc_t pad_acc = static_cast<acc_t>(pad);
@@ -593,7 +805,11 @@ void backward_kernel(const scalar_t* grad_out, scalar_t* grad_x, const Align2Nat
   const Geometry<acc_t> g(p);
   if constexpr (!std::is_same<scalar_t, double>::value) {
     const SeparableTaps<acc_t> separable(p, g);
-    if (separable.ok) return separable_backward(grad_out, grad_x, p, separable);
+    if (separable.ok) {
+      const ShiftPlan shift = make_shift_plan(p, separable);
+      if (shift.ok) return shift_backward(grad_out, grad_x, p, separable, shift);
+      return separable_backward(grad_out, grad_x, p, separable);
+    }
   }
   const ColumnTaps<acc_t> cols(p, g);
   std::vector<AxisTaps<acc_t>> v_taps(p.vout), u_taps(p.uout);
