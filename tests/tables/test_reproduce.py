@@ -92,7 +92,7 @@ def test_failed_row_is_reported_and_the_others_complete(tmp_path, monkeypatch):
     assert fake.run_dirs == [sweep / r.id for r in load_table("table5").rows]
     first = fake.calls[0]
     assert first.group == "table5" and list(first.tags) == ["reproduce", "table5", "box_head_bb_nms", "mini"]
-    assert first.mode == "full" and first.model.nms_boxes == "bb" and first.trainer.max_steps == 20
+    assert first.mode == "full" and first.model.nms_boxes == "bb" and first.trainer.max_steps == 400
     assert fake.calls[2].mode == "mask_only"
     assert results[0].ours["segm.AP"] == pytest.approx(20.0) and results[0].wandb_run_id == "id-box_head_bb_nms"
     assert results[1].error == "FloatingPointError: loss is NaN at step 2"

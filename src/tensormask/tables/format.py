@@ -16,8 +16,9 @@ from tensormask.tables.spec import TableSpec
 
 SCALE_NOTES = {
     "mini": (
-        "scale=mini: synthetic data and a few training steps on CPU. The table is complete but "
-        "our numbers measure a smoke run, not the paper's setting: compare rows only loosely."
+        "scale=mini: synthetic shapes and a short CPU training run per row (a small from-scratch "
+        "network, a few hundred steps). Our numbers show that each row learns, not the paper's "
+        "setting: compare rows only loosely."
     ),
     "paper": "scale=paper: COCO and the paper's schedules (our numbers on val2017).",
 }
