@@ -127,26 +127,9 @@ struct SeparableTaps {
   SeparableTaps(const Align2NatParams& p, const Geometry<acc_t>& g) {
     if (p.nearest || p.r_hw < 1 || std::floor(p.r_hw) != p.r_hw || p.vout * p.uout == 0) return;
     stride = static_cast<int64_t>(p.r_hw);
-    k_v.resize(p.vout);
-    j_u.resize(p.uout);
-    for (int64_t v = 0; v < p.vout; ++v) {
-      const AxisTaps<acc_t> t0 = axis_taps(g.grid(0, v, g.half_vout), false);
-      const AxisTaps<acc_t> t1 = axis_taps(g.grid(std::max<int64_t>(p.hout - 1, 0), v, g.half_vout), false);
-      if (v == 0) wy[0] = t0.w_lo, wy[1] = t0.w_hi;
-      const bool same_weights = t0.w_lo == wy[0] && t0.w_hi == wy[1] && t1.w_lo == wy[0] && t1.w_hi == wy[1];
-      if (!same_weights || t1.lo != t0.lo + stride * std::max<int64_t>(p.hout - 1, 0)) return;
-      k_v[v] = t0.lo;
-      v_taps.push_back(axis_taps(g.cell(v, g.off_v), false));
-    }
-    for (int64_t u = 0; u < p.uout; ++u) {
-      const AxisTaps<acc_t> t0 = axis_taps(g.grid(0, u, g.half_uout), false);
-      const AxisTaps<acc_t> t1 = axis_taps(g.grid(std::max<int64_t>(p.wout - 1, 0), u, g.half_uout), false);
-      if (u == 0) wx[0] = t0.w_lo, wx[1] = t0.w_hi;
-      const bool same_weights = t0.w_lo == wx[0] && t0.w_hi == wx[1] && t1.w_lo == wx[0] && t1.w_hi == wx[1];
-      if (!same_weights || t1.lo != t0.lo + stride * std::max<int64_t>(p.wout - 1, 0)) return;
-      j_u[u] = t0.lo;
-      u_taps.push_back(axis_taps(g.cell(u, g.off_u), false));
-    }
+    if (!plan_axis(g, p.vout, p.hout, g.half_vout, g.off_v, wy, k_v, v_taps) ||
+        !plan_axis(g, p.uout, p.wout, g.half_uout, g.off_u, wx, j_u, u_taps))
+      return;
     x_begin.resize(p.uout);
     x_end.resize(p.uout);
     q_u.resize(p.uout);
@@ -157,6 +140,26 @@ struct SeparableTaps {
       ph_u[u] = j_u[u] - q_u[u] * stride;
     }
     ok = true;
+  }
+
+ private:
+  // One axis (v with its output rows y, or u with its output columns x): separable when every cell's
+  // spatial taps have the weights w of cell 0 and advance by R per output row. Fills the first tap of
+  // each cell (K_v or J_u) and its cell taps; false when the axis is not separable.
+  bool plan_axis(const Geometry<acc_t>& g, int64_t cells, int64_t out_len, acc_t half_out, acc_t off, acc_t w[2],
+                 std::vector<int64_t>& first, std::vector<AxisTaps<acc_t>>& taps) {
+    const int64_t last = std::max<int64_t>(out_len - 1, 0);
+    first.resize(cells);
+    for (int64_t c = 0; c < cells; ++c) {
+      const AxisTaps<acc_t> t0 = axis_taps(g.grid(0, c, half_out), false);
+      const AxisTaps<acc_t> t1 = axis_taps(g.grid(last, c, half_out), false);
+      if (c == 0) w[0] = t0.w_lo, w[1] = t0.w_hi;
+      const bool same_weights = t0.w_lo == w[0] && t0.w_hi == w[1] && t1.w_lo == w[0] && t1.w_hi == w[1];
+      if (!same_weights || t1.lo != t0.lo + stride * last) return false;
+      first[c] = t0.lo;
+      taps.push_back(axis_taps(g.cell(c, off), false));
+    }
+    return true;
   }
 };
 
