@@ -297,3 +297,15 @@ def test_batched_predict_equals_single_image_predict(head):
             assert torch.allclose(both[i].boxes, alone.boxes, atol=1e-4)
             assert torch.equal(both[i].labels, alone.labels)
             assert (both[i].masks != alone.masks).float().mean() < 1e-3
+
+
+def test_mask_boxes_on_the_window_cell_grid():
+    """mask-bb before NMS: the thresholded cells' extent scaled onto the window (worked by hand)."""
+    from tensormask.modeling.inference import mask_boxes
+
+    probs = torch.zeros(2, 4, 4)
+    probs[0, 1:3, 2] = 0.9  # rows 1-2, column 2 of a 4x4 grid
+    probs[1] = 0.4  # below the threshold everywhere: empty
+    windows = torch.tensor([[10.0, 20.0, 18.0, 36.0], [8.0, 6.0, 12.0, 10.0]])  # window 0: cells 2 px wide, 4 px high
+    boxes = mask_boxes(probs, windows, threshold=0.5)
+    assert boxes.tolist() == [[14.0, 24.0, 16.0, 32.0], [8.0, 6.0, 8.0, 6.0]]  # empty: zero size at the corner

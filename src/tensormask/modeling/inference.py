@@ -56,24 +56,29 @@ def nms_per_class(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: 
     return keep[:max_detections]
 
 
+def mask_extents(masks: Tensor) -> Tensor:
+    """Tight extents (D, 4) xyxy, int64, of boolean masks (D, H, W) in cells / pixels: the first
+    foreground column and row and one past the last; an empty mask gives (0, 0, 0, 0)."""
+    d, h, w = masks.shape
+    rows, cols = masks.any(dim=2), masks.any(dim=1)  # (D, H), (D, W)
+    ar_h = torch.arange(h, device=masks.device)
+    ar_w = torch.arange(w, device=masks.device)
+    y0 = torch.where(rows, ar_h, h).min(dim=1).values
+    y1 = torch.where(rows, ar_h + 1, 0).max(dim=1).values
+    x0 = torch.where(cols, ar_w, w).min(dim=1).values
+    x1 = torch.where(cols, ar_w + 1, 0).max(dim=1).values
+    extents = torch.stack([x0, y0, x1, y1], dim=1)
+    return torch.where(rows.any(dim=1)[:, None], extents, torch.zeros_like(extents))
+
+
 def mask_boxes(probs: Tensor, windows: Tensor, threshold: float = 0.5) -> Tensor:
     """Bounding boxes of thresholded cell masks, in pixels ("mask-bb").
 
     probs (D, V, U) mask probabilities on the window's cell grid; windows (D, 4) xyxy window boxes
     -> (D, 4) xyxy; an empty mask gives a zero-size box at the window's corner.
     """
-    d, v, u = probs.shape
-    fg = probs >= threshold
-    rows, cols = fg.any(dim=2), fg.any(dim=1)  # (D, V), (D, U)
-    ar_v = torch.arange(v, device=probs.device)
-    ar_u = torch.arange(u, device=probs.device)
-    y0 = torch.where(rows, ar_v, v).min(dim=1).values
-    y1 = torch.where(rows, ar_v + 1, 0).max(dim=1).values
-    x0 = torch.where(cols, ar_u, u).min(dim=1).values
-    x1 = torch.where(cols, ar_u + 1, 0).max(dim=1).values
-    empty = ~rows.any(dim=1)
-    y0, x0 = torch.where(empty, 0, y0), torch.where(empty, 0, x0)
-    y1, x1 = torch.where(empty, 0, y1), torch.where(empty, 0, x1)
+    _, v, u = probs.shape
+    x0, y0, x1, y1 = mask_extents(probs >= threshold).unbind(dim=1)
     cell_w = (windows[:, 2] - windows[:, 0]) / u
     cell_h = (windows[:, 3] - windows[:, 1]) / v
     return torch.stack(

@@ -20,7 +20,9 @@ from tensormask.structures import Detections
 
 from .assignment import assign_windows, mask_targets
 from .heads import BoxHead, ClassHead, MaskHead, MaskPrediction
-from .inference import flatten_per_window, mask_boxes, nms_per_class, paste_masks, scale_boxes, select_candidates
+from .inference import (
+    flatten_per_window, mask_boxes, mask_extents, nms_per_class, paste_masks, scale_boxes, select_candidates,
+)
 from .losses import box_l1_loss, mask_bce_loss, sigmoid_focal_loss_star
 from .windows import BOX_WEIGHTS, Windows, decode_boxes, encode_boxes, make_windows
 
@@ -357,18 +359,9 @@ class TensorMask(nn.Module):
 
 def binary_mask_boxes(masks: Tensor, fallback: Tensor) -> Tensor:
     """Tight xyxy boxes (D, 4) of binary masks (D, h, w); empty masks get zero-size boxes."""
-    d, h, w = masks.shape
-    if d == 0:
+    if masks.shape[0] == 0:
         return fallback
-    rows, cols = masks.any(dim=2), masks.any(dim=1)  # (D, h), (D, w)
-    ar_h = torch.arange(h, device=masks.device)
-    ar_w = torch.arange(w, device=masks.device)
-    y0 = torch.where(rows, ar_h, h).min(dim=1).values
-    y1 = torch.where(rows, ar_h + 1, 0).max(dim=1).values
-    x0 = torch.where(cols, ar_w, w).min(dim=1).values
-    x1 = torch.where(cols, ar_w + 1, 0).max(dim=1).values
-    boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
-    return torch.where(rows.any(dim=1)[:, None], boxes, torch.zeros_like(boxes))
+    return mask_extents(masks).float()
 
 
 def scale_boxes_unclipped(boxes: Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> Tensor:
