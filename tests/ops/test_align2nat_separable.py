@@ -2,6 +2,11 @@
 integer lambda, up_align2nat) against the pure-PyTorch reference, at the shapes where its blocking,
 phase split and edge handling could go wrong."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -99,16 +104,64 @@ def test_separable_results_do_not_depend_on_threads(lambda_val):
         assert torch.equal(grad, results[0][1])
 
 
-def test_separable_large_output_streaming_stores():
-    """Outputs of 8 MiB and more are written with non-temporal stores (float32); rows of an odd width
-    start at addresses that are not 16-byte aligned, so the unaligned head and tail are covered."""
+# (S, lambda, H, W) of float32 outputs of 8 MiB and more, written with non-temporal stores: rows of an odd
+# width (staged, unaligned head and tail), and rows of whole AVX2 vectors, which the AVX2 kernels store
+# straight from the registers (forward: Wout a multiple of 8; backward: W a multiple of 8 lambda), at
+# lambda 1 (no phase split), 2 and 4.
+STREAMING = [(3, 2, 299, 801), (3, 2, 320, 768), (3, 4, 920, 256), (2, 1, 512, 1024)]
+
+
+@pytest.mark.parametrize("s, lambda_val, h, w", STREAMING, ids=[f"S{s}-l{lam}-{h}x{w}" for s, lam, h, w in STREAMING])
+def test_separable_large_output_streaming_stores(s, lambda_val, h, w):
+    """Outputs of 8 MiB and more are written with non-temporal stores (float32)."""
     require_extension()
-    geom = swap_geometry(3, 2)
-    x = _random((1, 9, 299, 801), torch.float32, seed=13).requires_grad_()
+    geom = swap_geometry(s, lambda_val)
+    x = _random((1, s * s, h, w), torch.float32, seed=13).requires_grad_()
     ref = run_reference(x, geom, -6.0, "bilinear")
-    assert ref.numel() * 4 >= 8 << 20 and ref.shape[-1] % 4 != 0
+    assert ref.numel() * 4 >= 8 << 20 and x.numel() * 4 >= 8 << 20
     torch.testing.assert_close(run_extension(x.detach(), geom, -6.0, "bilinear"), ref, **FORWARD_TOL[torch.float32])
     grad_out = _random(ref.shape, torch.float32, seed=14)
     (expected,) = torch.autograd.grad(ref, x, grad_out)
     got = run_extension_backward(grad_out, geom, x.shape[2:], "bilinear")
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+SIMD_CHECK = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from align2nat_helpers import run_extension, run_extension_backward
+from tensormask.ops.geometry import swap_geometry, up_geometry
+results = []
+for n, s, h, w, lam in {shapes!r}:
+    geom = swap_geometry(s, lam) if lam else up_geometry(torch.empty(1, s * s, 1, 1), 2.0, (2 * s, 2 * s))
+    x = torch.randn(n, s * s, h, w, generator=torch.Generator().manual_seed(h * w))
+    out = run_extension(x, geom, -6.0, "bilinear")
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    results.append((out, run_extension_backward(grad_out, geom, (h, w), "bilinear")))
+torch.save(results, {path!r})
+"""
+
+
+def test_avx2_kernels_equal_portable_loops(tmp_path):
+    """The AVX2 inner loops (used when the CPU has AVX2) compute the same sums in the same order as the
+    portable loops (TENSORMASK_CPU_SIMD=0): the same bits, at the shapes where their overlapping last
+    vectors, masked tails, in-register phase splits and direct non-temporal stores could go wrong."""
+    require_extension()
+    shapes = [
+        (2, 3, 7, 5, 2), (1, 5, 17, 33, 2), (2, 5, 34, 35, 2), (1, 4, 40, 41, 4), (1, 3, 70, 71, 4),
+        (1, 2, 9, 10, 1), (1, 4, 19, 27, 1), (1, 3, 30, 31, 3), (1, 3, 8, 8, 2), (1, 3, 18, 18, 2),
+        (1, 5, 100, 37, 8), (1, 3, 320, 768, 2), (1, 3, 920, 256, 4), (1, 2, 512, 1024, 1),
+        (1, 3, 21, 26, 0),  # up_align2nat, lambda 2
+    ]
+    tests = str(Path(__file__).parent)
+    runs = {}
+    for simd in ("1", "0"):
+        path = tmp_path / f"simd{simd}.pt"
+        env = {**os.environ, "TENSORMASK_CPU_SIMD": simd, "OMP_NUM_THREADS": "2"}
+        code = SIMD_CHECK.format(tests=tests, shapes=shapes, path=str(path))
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[simd] = torch.load(path)
+    for shape, (simd, portable) in zip(shapes, zip(runs["1"], runs["0"])):
+        assert torch.equal(simd[0], portable[0]), f"forward differs at {shape}"
+        assert torch.equal(simd[1], portable[1]), f"backward differs at {shape}"

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "../align2nat.h"
+#include "separable_avx2.h"
 
 namespace tensormask {
 namespace {
@@ -189,17 +190,20 @@ inline void stencil2x2(float* dst, const float* a, const float* b, float wa0, fl
   stencil2x2_f32(dst, a, b, wa0, wa1, wb0, wb1, n);
 }
 
-// Row y of o (stride os) = (w0 a0 + w1 a1) + (w2 a2 + w3 a3) over the rows y of a0..a3 (stride as), n values
-// per row, y in [0, rows): stage B, the 4 cell taps, for the run of rows of one output plane. One call per
-// run, not per row: the rows are short (24-48 values on the benchmark shapes), and a call per row
-// measured ~15% slower (here and in axpy4).
+// Row y of o (stride os) = (w0 a0 + w1 a1) + (w2 a2 + w3 a3) over the rows y of a0..a3 (stride as, element 0
+// at column xb) in columns [xb, xe), `outside` in [0, xb) and [xe, wout), y in [0, rows): stage B, the 4 cell
+// taps, for the run of rows of one output plane. One call per run, not per row: the rows are short (24-48
+// values on the benchmark shapes), and a call per row measured ~15% slower (here and in axpy4).
 template <typename out_t, typename acc_t>
-inline void sum4(out_t* o, int64_t os, const acc_t* const a[4], int64_t as, const acc_t w[4], int64_t n, int64_t rows) {
+inline void sum4(out_t* o, int64_t os, const acc_t* const a[4], int64_t as, const acc_t w[4], int64_t xb, int64_t xe,
+                 int64_t wout, out_t outside, int64_t rows) {
   for (int64_t y = 0; y < rows; ++y) {
     const acc_t *a0 = a[0] + y * as, *a1 = a[1] + y * as, *a2 = a[2] + y * as, *a3 = a[3] + y * as;
     out_t* oy = o + y * os;
-    for (int64_t i = 0; i < n; ++i)
-      oy[i] = static_cast<out_t>((w[0] * a0[i] + w[1] * a1[i]) + (w[2] * a2[i] + w[3] * a3[i]));
+    std::fill(oy, oy + xb, outside);
+    for (int64_t i = 0; i < xe - xb; ++i)
+      oy[xb + i] = static_cast<out_t>((w[0] * a0[i] + w[1] * a1[i]) + (w[2] * a2[i] + w[3] * a3[i]));
+    std::fill(oy + xe, oy + wout, outside);
   }
 }
 TM_SIMD_CLONES void sum4_f32(float* o, int64_t os, const float* a0, const float* a1, const float* a2, const float* a3,
@@ -207,8 +211,40 @@ TM_SIMD_CLONES void sum4_f32(float* o, int64_t os, const float* a0, const float*
   for (int64_t y = 0; y < rows; ++y, o += os, a0 += as, a1 += as, a2 += as, a3 += as)
     for (int64_t i = 0; i < n; ++i) o[i] = (w0 * a0[i] + w1 * a1[i]) + (w2 * a2[i] + w3 * a3[i]);
 }
-inline void sum4(float* o, int64_t os, const float* const a[4], int64_t as, const float w[4], int64_t n, int64_t rows) {
-  sum4_f32(o, os, a[0], a[1], a[2], a[3], as, w[0], w[1], w[2], w[3], n, rows);
+inline void sum4(float* o, int64_t os, const float* const a[4], int64_t as, const float w[4], int64_t xb, int64_t xe,
+                 int64_t wout, float outside, int64_t rows) {
+#if TM_HAVE_AVX2_KERNELS
+  if (avx2::enabled())
+    return avx2::sum4_rows(o, os, a[0], a[1], a[2], a[3], as, w[0], w[1], w[2], w[3], xb, xe, wout, outside, rows);
+#endif
+  sum4_f32(o + xb, os, a[0], a[1], a[2], a[3], as, w[0], w[1], w[2], w[3], xe - xb, rows);
+  if (xb > 0 || xe < wout)
+    for (float* oy = o; oy < o + rows * os; oy += os) {
+      std::fill(oy, oy + xb, outside);
+      std::fill(oy + xe, oy + wout, outside);
+    }
+}
+
+// `rows` rows of `value` (row length wout) at dst; with `nt`, non-temporal (float32 + AVX2 only, see `direct`
+// in separable_forward).
+template <typename scalar_t>
+inline void fill_rows(scalar_t* dst, int64_t wout, scalar_t value, int64_t rows, bool nt) {
+#if TM_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same<scalar_t, float>::value)
+    if (nt) return avx2::fill_rows_stream(dst, wout, value, rows);
+#endif
+  std::fill(dst, dst + rows * wout, value);
+}
+// sum4 with non-temporal stores (float32 + AVX2 only, see `direct` in separable_forward).
+template <typename scalar_t, typename acc_t>
+inline void sum4_stream(scalar_t* o, int64_t os, const acc_t* const a[4], int64_t as, const acc_t w[4], int64_t xb,
+                        int64_t xe, int64_t wout, scalar_t outside, int64_t rows) {
+#if TM_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same<scalar_t, float>::value)
+    return avx2::sum4_rows_stream(o, os, a[0], a[1], a[2], a[3], as, w[0], w[1], w[2], w[3], xb, xe, wout, outside,
+                                  rows);
+#endif
+  TORCH_INTERNAL_ASSERT(false, "sum4_stream: float32 with AVX2 only");
 }
 
 // Row y of d_q (stride ds) += w_q * row y of src (stride ss) for q = 0..3, n values per row, y in [0, rows):
@@ -240,6 +276,9 @@ TM_SIMD_CLONES void axpy4_f32(float* __restrict d0, float* __restrict d1, float*
 }
 inline void axpy4(float* const d[4], int64_t ds, const float* src, int64_t ss, const float w[4], int64_t n,
                   int64_t rows) {
+#if TM_HAVE_AVX2_KERNELS
+  if (avx2::enabled()) return avx2::axpy4_rows(d[0], d[1], d[2], d[3], ds, src, ss, w[0], w[1], w[2], w[3], n, rows);
+#endif
   axpy4_f32(d[0], d[1], d[2], d[3], ds, src, ss, w[0], w[1], w[2], w[3], n, rows);
 }
 
@@ -298,7 +337,22 @@ TM_SIMD_CLONES void stencil_phases_f32(float* dst, const float* g, int64_t gs, i
 }
 inline void stencil_phases(float* dst, const float* g, int64_t gs, int64_t len, int64_t stride, int64_t win,
                            int64_t rows, float w01, float w00, float w11, float w10) {
+#if TM_HAVE_AVX2_KERNELS
+  if (avx2::enabled() && avx2::supports_stride(stride))
+    return avx2::stencil_rows<false>(stride, dst, g, gs, len, win, rows, w01, w00, w11, w10);
+#endif
   stencil_phases_f32(dst, g, gs, len, stride, win, rows, w01, w00, w11, w10);
+}
+
+// stencil_phases with non-temporal stores (float32 + AVX2 only, see `direct` in separable_backward).
+template <typename out_t, typename acc_t>
+inline void stencil_phases_stream(out_t* dst, const acc_t* g, int64_t gs, int64_t len, int64_t stride, int64_t win,
+                                  int64_t rows, acc_t w01, acc_t w00, acc_t w11, acc_t w10) {
+#if TM_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same<out_t, float>::value)
+    return avx2::stencil_rows<true>(stride, dst, g, gs, len, win, rows, w01, w00, w11, w10);
+#endif
+  TORCH_INTERNAL_ASSERT(false, "stencil_phases_stream: float32 with AVX2 only");
 }
 
 // Software prefetch of `bytes` bytes for reading. The separable kernels visit a run of rows in each of
@@ -535,6 +589,10 @@ void separable_forward(const scalar_t* x, scalar_t* out, const Align2NatParams& 
   const int64_t block = rows_per_block(lay, sizeof(acc_t), p.hin + 1);
   const int64_t blocks = (p.hin + 1 + block - 1) / block;
   const bool stream = p.batch * p.vout * p.uout * plane_out * int64_t(sizeof(scalar_t)) >= kStreamBytes;
+  const bool simd_stage_a = avx2::enabled() && avx2::supports_stride(R);  // float32: stage A split in registers
+  // float32 + AVX2 with whole-vector rows: the non-temporal stores go straight from the registers, unstaged.
+  const bool direct = stream && std::is_same<scalar_t, float>::value && avx2::enabled() && p.wout % 8 == 0 &&
+                      reinterpret_cast<uintptr_t>(out) % 32 == 0;
 
   at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
     // Ring slot i holds A rows rb .. rb + block - 1 of one cell row, row r at [(i block + r - rb) lay.size].
@@ -563,6 +621,14 @@ void separable_forward(const scalar_t* x, scalar_t* out, const Align2NatParams& 
             const scalar_t* x0 = r >= 0 ? xp + r * p.win : pad_row.data();
             const scalar_t* x1 = r + 1 < p.hin ? xp + (r + 1) * p.win : pad_row.data();
             acc_t* ph = slot + (r - rb) * lay.size + ui * lay.plane;
+#if TM_HAVE_AVX2_KERNELS
+            if constexpr (std::is_same<scalar_t, float>::value) {
+              if (simd_stage_a) {
+                avx2::stage_a_row(R, ph, x0, x1, p.win, lay.m_len, w00, w01, w10, w11, pad);
+                continue;
+              }
+            }
+#endif
             // R = 1 needs no phase split: write straight into the slot (s at [1 + s]).
             acc_t* dst = R == 1 ? ph + 1 : row.data() + R;
             auto at = [&](const scalar_t* xr, int64_t s) {
@@ -597,24 +663,22 @@ void separable_forward(const scalar_t* x, scalar_t* out, const Align2NatParams& 
           const int64_t xb = cp->x_begin, xe = cp->x_end;
           const scalar_t outside = static_cast<scalar_t>(cp->outside);
           // Rows z0 .. z1-1 of cell (v, u): straight into the output, or staged for non-temporal stores.
-          scalar_t* dst = stream ? staged.data() : o;
+          scalar_t* dst = stream && !direct ? staged.data() : o;
           if (pad_only) {
-            std::fill(dst, dst + (z1 - z0) * p.wout, outside);
+            fill_rows(dst, p.wout, outside, z1 - z0, direct);
           } else {
-            std::fill(dst, dst + (y0 - z0) * p.wout, outside);
+            fill_rows(dst, p.wout, outside, y0 - z0, direct);
             const int64_t at = (R * y0 + st.k_v[v] - rb) * lay.size + xb;  // A row R y0 + K_v, column xb
             const acc_t* taps[4] = {slot[0] + at + cp->off[0], slot[0] + at + cp->off[1],
                                     slot[1] + at + cp->off[2], slot[1] + at + cp->off[3]};
             scalar_t* oy0 = dst + (y0 - z0) * p.wout;
-            sum4(oy0 + xb, p.wout, taps, R * lay.size, cp->w, xe - xb, y1 - y0);
-            if (xb > 0 || xe < p.wout)
-              for (scalar_t* oy = oy0; oy < oy0 + (y1 - y0) * p.wout; oy += p.wout) {
-                std::fill(oy, oy + xb, outside);
-                std::fill(oy + xe, oy + p.wout, outside);
-              }
-            std::fill(dst + (y1 - z0) * p.wout, dst + (z1 - z0) * p.wout, outside);
+            if (direct)
+              sum4_stream(oy0, p.wout, taps, R * lay.size, cp->w, xb, xe, p.wout, outside, y1 - y0);
+            else
+              sum4(oy0, p.wout, taps, R * lay.size, cp->w, xb, xe, p.wout, outside, y1 - y0);
+            fill_rows(dst + (y1 - z0) * p.wout, p.wout, outside, z1 - y1, direct);
           }
-          if (stream) store_once(o, staged.data(), (z1 - z0) * p.wout);
+          if (stream && !direct) store_once(o, staged.data(), (z1 - z0) * p.wout);
         }
       }
     }
@@ -644,6 +708,9 @@ void separable_backward(const scalar_t* grad_out, scalar_t* grad_x, const Align2
   const int64_t blocks = (p.hin + 1 + block - 1) / block;
   const int64_t slot_size = (block + 1) * lay.size;
   const bool stream = p.batch * cells * plane_in * int64_t(sizeof(scalar_t)) >= kStreamBytes;
+  // float32 + AVX2 with rows of whole phase vectors: the non-temporal stores go straight from the registers.
+  const bool direct = stream && std::is_same<scalar_t, float>::value && avx2::enabled() &&
+                      avx2::supports_stride(R) && p.win % (8 * R) == 0 && reinterpret_cast<uintptr_t>(grad_x) % 32 == 0;
 
   at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
     // Ring slot i holds gA rows ra .. re - 1 of one cell row, row r at [i slot_size + (r - ra) lay.size].
@@ -673,8 +740,12 @@ void separable_backward(const scalar_t* grad_out, scalar_t* grad_x, const Align2
         const acc_t* slot = ring.get() + (vi & 1) * slot_size;
         for (int64_t ui = 0; ui < p.uin; ++ui) {
           scalar_t* gx = grad_x + ((n * cells + vi * p.uin + ui) * p.hin + first) * p.win;
-          scalar_t* dst = stream ? staged.data() : gx;
           const acc_t* g = slot + (first - ra) * lay.size + ui * lay.plane;  // gA row `first` of cell (vi, ui)
+          if (direct) {
+            stencil_phases_stream(gx, g, lay.size, lay.m_len, R, p.win, re - first, w01, w00, w11, w10);
+            continue;
+          }
+          scalar_t* dst = stream ? staged.data() : gx;
           stencil_phases(dst, g, lay.size, lay.m_len, R, p.win, re - first, w01, w00, w11, w10);
           if (stream) store_once(gx, staged.data(), (re - first) * p.win);
         }
