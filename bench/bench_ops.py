@@ -16,6 +16,8 @@ times and the table reports the medians over rounds, of the times and of the per
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import statistics
 import time
 
@@ -29,6 +31,24 @@ from tensormask.ops.reference import align2nat_reference
 # (N, S, H, W, lambda): the P2-resolution bipyramid features of an ~384 px image, 15x15 and 11x11
 # windows at levels 1 and 2.
 DEFAULT_SHAPES = ["2,15,96,96,2", "2,11,96,96,2", "2,15,96,96,4", "2,15,48,48,1"]
+
+
+def steady_malloc() -> str:
+    """Keep glibc from returning the freed 16 MB result blocks to the system between calls.
+
+    By default glibc trims the top of its heap once the free space there passes a threshold that it
+    adapts to the block sizes it has seen; depending on the process's allocation history, a run can
+    land in a state where every call's results are faulted in afresh (thousands of page faults per
+    call, the same kernel 2-4x slower: see docs/ops.md). A long-running training process settles in a
+    steady heap; fixed thresholds put the benchmark there from the start. The copy floor writes into
+    preallocated tensors and is not affected."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        return "allocator defaults (no glibc mallopt)"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)
+    return "glibc malloc: mmap threshold 32 MiB (its maximum), trim threshold 1 GiB" if ok else "allocator defaults (mallopt failed)"
 
 
 def _timer(device: torch.device, clock: str):
@@ -116,7 +136,10 @@ def main() -> None:
         "--clock", default="wall", choices=["wall", "cpu"],
         help="CPU timing: wall clock, or process CPU time (with --threads 1: robust to a shared machine)",
     )
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="keep glibc's adaptive heap trimming (see steady_malloc)")
     args = parser.parse_args()
+    allocator = "allocator defaults (--malloc-defaults)" if args.malloc_defaults else steady_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -125,7 +148,7 @@ def main() -> None:
         raise SystemExit(f"no compiled {device.type} kernel: {backend.backend_summary()}")
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# swap_align2nat, {args.dtype}, {name}, torch {torch.__version__}; {ops.backend_summary()}")
+    print(f"# swap_align2nat, {args.dtype}, {name}, torch {torch.__version__}; {ops.backend_summary()}; {allocator}")
     clock = "CUDA events" if device.type == "cuda" else f"{args.clock} clock"
     print(f"# median over {args.rounds} rounds of the fastest of {args.repeats} repeats "
           f"(reference: {args.ref_repeats}); ms, {clock}")

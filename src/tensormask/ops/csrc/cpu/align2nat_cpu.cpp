@@ -165,8 +165,9 @@ struct SeparableTaps {
 };
 
 // --- The inner loops of the separable path: contiguous, one pass each. -----------------------
-// The float32 versions are compiled twice (AVX2 and the baseline ISA) and picked at load time by
-// the CPU (GCC function multi-versioning), so the extension still runs on any x86-64 machine.
+// On CPUs with AVX2, the float32 ones run as the hand-vectorised loops of separable_avx2.h (R = 1, 2,
+// 4; the same bits). The portable float32 versions here are compiled twice (AVX2 and the baseline ISA)
+// and picked at load time (GCC function multi-versioning), so the extension runs on any x86-64 machine.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define TM_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
 #else

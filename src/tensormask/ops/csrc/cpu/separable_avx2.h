@@ -7,8 +7,10 @@
 // its scalar remainder. Loops that overwrite their output end with one more full vector that overlaps
 // the previous one (it rewrites some values with the same result) and so have no remainder; loops
 // that add into their output (axpy4) end with a masked vector. Stage A also splits its rows by column
-// phase in registers (shuffles) instead of in a second pass through memory, and the backward's final
-// stencil interleaves its phases in registers the same way.
+// phase in registers (shuffles) instead of in a second pass through memory, the backward's final
+// stencil interleaves its phases in registers the same way, and outputs big enough for non-temporal
+// stores are stored from the registers instead of through a staging buffer. Strides R other than 1, 2
+// and 4 keep the portable loops.
 #pragma once
 
 #include <algorithm>
