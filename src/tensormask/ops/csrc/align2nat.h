@@ -96,6 +96,23 @@ TM_HOST_DEVICE void candidate_range(double scale, double shift, int64_t i, int64
   *end = hi < 0 ? 0 : (hi > n ? n : static_cast<int64_t>(hi));
 }
 
+// The coordinates of element i of an (N, V*U, H, W) tensor (channel v * U + u); with w = 1, of row i.
+struct CellIndex {
+  int64_t n, v, u, y, x;
+};
+TM_HOST_DEVICE CellIndex unravel(int64_t i, int64_t v, int64_t u, int64_t h, int64_t w) {
+  CellIndex idx;
+  idx.x = i % w;
+  i /= w;
+  idx.y = i % h;
+  i /= h;
+  idx.u = i % u;
+  i /= u;
+  idx.v = i % v;
+  idx.n = i / v;
+  return idx;
+}
+
 // Validates the arguments of tensormask::align2nat / align2nat_backward and derives the constants.
 // `t` is x (forward) or grad_out (backward); `spatial` is out_size (forward) or in_size (backward).
 Align2NatParams make_params(

@@ -820,13 +820,8 @@ void forward_kernel(const scalar_t* x, scalar_t* out, const Align2NatParams& p, 
     // Rows of taps outside the input point here: a row of pad values, so no check is needed on y, v, u.
     const std::vector<scalar_t> pad_row(std::max<int64_t>(1, p.win), pad);
     for (int64_t r = row_begin; r < row_end; ++r) {
-      int64_t t = r;
-      const int64_t y = t % p.hout;
-      t /= p.hout;
-      const int64_t u = t % p.uout;
-      t /= p.uout;
-      const int64_t v = t % p.vout;
-      const int64_t n = t / p.vout;
+      const CellIndex idx = unravel(r, p.vout, p.uout, p.hout, 1);
+      const int64_t n = idx.n, v = idx.v, u = idx.u, y = idx.y;
       scalar_t* o = out + r * p.wout;
 
       const AxisTaps<acc_t> ty = axis_taps(g.grid(y, v, g.half_vout), p.nearest);
@@ -904,13 +899,8 @@ void backward_kernel(const scalar_t* grad_out, scalar_t* grad_x, const Align2Nat
   at::parallel_for(0, rows_total, grain, [&](int64_t row_begin, int64_t row_end) {
     std::vector<acc_t> acc(std::max<int64_t>(1, p.win));
     for (int64_t r = row_begin; r < row_end; ++r) {
-      int64_t t = r;
-      const int64_t yi = t % p.hin;
-      t /= p.hin;
-      const int64_t ui = t % p.uin;
-      t /= p.uin;
-      const int64_t vi = t % p.vin;
-      const int64_t n = t / p.vin;
+      const CellIndex idx = unravel(r, p.vin, p.uin, p.hin, 1);
+      const int64_t n = idx.n, vi = idx.v, ui = idx.u, yi = idx.y;
       std::fill(acc.begin(), acc.end(), acc_t(0));
 
       int64_t v_begin, v_end, u_begin, u_end;

@@ -37,15 +37,8 @@ __global__ void align2nat_forward_kernel(int64_t total, const scalar_t* __restri
                                          Align2NatParams p, Geometry<acc_t> g, acc_t pad) {
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
        index += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    int64_t t = index;
-    const int64_t c = t % p.wout;
-    t /= p.wout;
-    const int64_t y = t % p.hout;
-    t /= p.hout;
-    const int64_t u = t % p.uout;
-    t /= p.uout;
-    const int64_t v = t % p.vout;
-    const int64_t n = t / p.vout;
+    const CellIndex idx = unravel(index, p.vout, p.uout, p.hout, p.wout);
+    const int64_t n = idx.n, v = idx.v, u = idx.u, y = idx.y, c = idx.x;
 
     const AxisTaps<acc_t> ty = axis_taps(g.grid(y, v, g.half_vout), p.nearest);
     const AxisTaps<acc_t> tx = axis_taps(g.grid(c, u, g.half_uout), p.nearest);
@@ -75,15 +68,8 @@ __global__ void align2nat_backward_kernel(int64_t total, const scalar_t* __restr
   const double cell_scale = 1.0 / p.q_vu;
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
        index += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    int64_t t = index;
-    const int64_t xi = t % p.win;
-    t /= p.win;
-    const int64_t yi = t % p.hin;
-    t /= p.hin;
-    const int64_t ui = t % p.uin;
-    t /= p.uin;
-    const int64_t vi = t % p.vin;
-    const int64_t n = t / p.vin;
+    const CellIndex idx = unravel(index, p.vin, p.uin, p.hin, p.win);
+    const int64_t n = idx.n, vi = idx.v, ui = idx.u, yi = idx.y, xi = idx.x;
 
     acc_t sum = 0;
     int64_t v_begin, v_end, u_begin, u_end;
