@@ -47,8 +47,9 @@ def steady_malloc() -> str:
     if libc is None or not hasattr(libc, "mallopt"):
         return "allocator defaults (no glibc mallopt)"
     m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)
-    return "glibc malloc: mmap threshold 32 MiB (its maximum), trim threshold 1 GiB" if ok else "allocator defaults (mallopt failed)"
+    if not (libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)):
+        return "allocator defaults (mallopt failed)"
+    return "glibc malloc: mmap threshold 32 MiB (its maximum), trim threshold 1 GiB"
 
 
 def _timer(device: torch.device, clock: str):

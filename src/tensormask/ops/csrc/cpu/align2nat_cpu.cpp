@@ -590,7 +590,7 @@ void separable_forward(const scalar_t* x, scalar_t* out, const Align2NatParams& 
   const int64_t block = rows_per_block(lay, sizeof(acc_t), p.hin + 1);
   const int64_t blocks = (p.hin + 1 + block - 1) / block;
   const bool stream = p.batch * p.vout * p.uout * plane_out * int64_t(sizeof(scalar_t)) >= kStreamBytes;
-  const bool simd_stage_a = avx2::enabled() && avx2::supports_stride(R);  // float32: stage A split in registers
+  [[maybe_unused]] const bool simd_stage_a = avx2::enabled() && avx2::supports_stride(R);  // float32, in registers
   // float32 + AVX2 with whole-vector rows: the non-temporal stores go straight from the registers, unstaged.
   const bool direct = stream && std::is_same<scalar_t, float>::value && avx2::enabled() && p.wout % 8 == 0 &&
                       reinterpret_cast<uintptr_t>(out) % 32 == 0;
