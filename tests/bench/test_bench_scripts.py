@@ -1,0 +1,56 @@
+"""The benchmark scripts in bench/ run end to end on tiny inputs and print complete tables."""
+
+import ctypes.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _run(script, *args, timeout=600):
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _table_rows(out):
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| (")]
+
+
+def test_bench_ops_prints_a_row_per_shape_with_both_ratios():
+    out = _run("bench_ops.py", "--shapes", "1,3,8,8,2", "1,3,9,7,1", "--rounds", "2", "--repeats", "2",
+               "--threads", "1", "--clock", "cpu")
+    rows = _table_rows(out)
+    assert [row[:3] for row in rows] == [["(1, 9, 8, 8)", "2", "(1, 36, 4, 4)"], ["(1, 9, 9, 7)", "1", "(1, 9, 9, 7)"]]
+    for row in rows:
+        assert len(row) == 12
+        times = [float(cell) for cell in row[3:10]]  # ext fwd, bwd, fwd+bwd, copy, ref fwd, bwd, fwd+bwd
+        assert all(t >= 0 for t in times) and times[2] > 0  # (the tiny copy floor may print 0.00)
+        copy_ratio, ref_ratio = re.fullmatch(r"([\d.]+)x", row[10]), re.fullmatch(r"(\d+)x", row[11])
+        assert copy_ratio and ref_ratio and float(copy_ratio.group(1)) > 0
+    if ctypes.util.find_library("c"):
+        assert "glibc malloc: mmap threshold 32 MiB" in out.splitlines()[0]
+
+
+def test_bench_ops_keeps_the_allocator_defaults_when_asked():
+    out = _run("bench_ops.py", "--shapes", "1,3,8,8,2", "--rounds", "1", "--repeats", "1", "--skip-reference",
+               "--malloc-defaults", "--threads", "1")
+    assert "allocator defaults (--malloc-defaults)" in out.splitlines()[0]
+    (row,) = _table_rows(out)
+    assert row[7:10] == ["-", "-", "-"] and row[11] == "-"
+
+
+@pytest.mark.slow
+def test_bench_model_prints_timings_and_memory():
+    out = _run("bench_model.py", "--size", "96", "--repeats", "1", "--threads", "1")
+    for label in ("infer default (s)", "infer 100 dets (s)", "train (s)"):
+        line = next(line for line in out.splitlines() if line.startswith(label))
+        tm, mrcnn, ratio = (float(v) for v in line[len(label):].split())
+        assert tm > 0 and mrcnn > 0 and ratio == pytest.approx(tm / mrcnn, rel=0.02, abs=0.01)
+    assert re.search(r"infer\s+TensorMask\s+\d+ ->\s+\d+\s+Mask R-CNN\s+\d+ ->\s+\d+\s+peak ratio [\d.]+", out)
