@@ -156,6 +156,17 @@ TM_AVX2 void fill_rows_stream(float* dst, int64_t wout, float outside, int64_t r
   for (int64_t i = 0; i < rows * wout; i += 8) _mm256_stream_ps(dst + i, value);
 }
 
+// The stage B vector at columns [c, c + 8) of a row whose taps exist in [xb, xe) only (a_q[j] is the tap of
+// column j): masked loads for the lanes inside, pad for the others.
+TM_AVX2 inline __m256 sum4_edge(const float* a0, const float* a1, const float* a2, const float* a3, __m256 v0,
+                                __m256 v1, __m256 v2, __m256 v3, __m256 pad, int64_t c, int64_t xb, int64_t xe) {
+  if (c + 8 <= xb || c >= xe) return pad;
+  const __m256i inside = _mm256_andnot_si256(first_lanes(xb - c), first_lanes(xe - c));
+  const __m256 value = weighted4(v0, _mm256_maskload_ps(a0 + c, inside), v1, _mm256_maskload_ps(a1 + c, inside), v2,
+                                 _mm256_maskload_ps(a2 + c, inside), v3, _mm256_maskload_ps(a3 + c, inside));
+  return _mm256_blendv_ps(pad, value, _mm256_castsi256_ps(inside));
+}
+
 // sum4_rows (below) with non-temporal stores (wout a multiple of 8, o 32-byte aligned): every vector of
 // a row is written whole, its lanes outside [xb, xe) given `outside`; the taps are read only in [xb, xe)
 // (masked loads at the two edges).
@@ -164,21 +175,17 @@ TM_AVX2 void sum4_rows_stream(float* o, int64_t os, const float* a0, const float
                               int64_t xe, int64_t wout, float outside, int64_t rows) {
   const __m256 v0 = _mm256_set1_ps(w0), v1 = _mm256_set1_ps(w1), v2 = _mm256_set1_ps(w2), v3 = _mm256_set1_ps(w3);
   const __m256 pad = _mm256_set1_ps(outside);
-  for (int64_t y = 0; y < rows; ++y, o += os, a0 += as, a1 += as, a2 += as, a3 += as)
-    for (int64_t c = 0; c < wout; c += 8) {
-      __m256 value = pad;
-      const int64_t i = c - xb;  // tap index of lane 0
-      if (c >= xb && c + 8 <= xe) {
-        value = weighted4(v0, _mm256_loadu_ps(a0 + i), v1, _mm256_loadu_ps(a1 + i), v2, _mm256_loadu_ps(a2 + i), v3,
-                          _mm256_loadu_ps(a3 + i));
-      } else if (c + 8 > xb && c < xe) {  // lanes [xb - c, xe - c) inside
-        const __m256i inside = _mm256_andnot_si256(first_lanes(xb - c), first_lanes(xe - c));
-        value = weighted4(v0, _mm256_maskload_ps(a0 + i, inside), v1, _mm256_maskload_ps(a1 + i, inside), v2,
-                          _mm256_maskload_ps(a2 + i, inside), v3, _mm256_maskload_ps(a3 + i, inside));
-        value = _mm256_blendv_ps(pad, value, _mm256_castsi256_ps(inside));
-      }
-      _mm256_stream_ps(o + c, value);
-    }
+  // Every row has the same vectors: [0, lo) outside or partly inside, [lo, hi) inside, [hi, wout) the rest.
+  const int64_t lo = std::min((xb + 7) / 8 * 8, wout), hi = std::max(xe / 8 * 8, lo);
+  // A vector at column c reads tap c - xb: shift the tap pointers so that column c reads at [c].
+  a0 -= xb, a1 -= xb, a2 -= xb, a3 -= xb;
+  for (int64_t y = 0; y < rows; ++y, o += os, a0 += as, a1 += as, a2 += as, a3 += as) {
+    for (int64_t c = 0; c < lo; c += 8) _mm256_stream_ps(o + c, sum4_edge(a0, a1, a2, a3, v0, v1, v2, v3, pad, c, xb, xe));
+    for (int64_t c = lo; c < hi; c += 8)
+      _mm256_stream_ps(o + c, weighted4(v0, _mm256_loadu_ps(a0 + c), v1, _mm256_loadu_ps(a1 + c), v2,
+                                        _mm256_loadu_ps(a2 + c), v3, _mm256_loadu_ps(a3 + c)));
+    for (int64_t c = hi; c < wout; c += 8) _mm256_stream_ps(o + c, sum4_edge(a0, a1, a2, a3, v0, v1, v2, v3, pad, c, xb, xe));
+  }
 }
 
 // Stage B for rows rows of one output plane: row y of o (stride os) gets `outside` in columns [0, xb)
