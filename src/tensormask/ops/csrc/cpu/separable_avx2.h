@@ -180,11 +180,13 @@ TM_AVX2 void sum4_rows_stream(float* o, int64_t os, const float* a0, const float
   // A vector at column c reads tap c - xb: shift the tap pointers so that column c reads at [c].
   a0 -= xb, a1 -= xb, a2 -= xb, a3 -= xb;
   for (int64_t y = 0; y < rows; ++y, o += os, a0 += as, a1 += as, a2 += as, a3 += as) {
-    for (int64_t c = 0; c < lo; c += 8) _mm256_stream_ps(o + c, sum4_edge(a0, a1, a2, a3, v0, v1, v2, v3, pad, c, xb, xe));
+    for (int64_t c = 0; c < lo; c += 8)
+      _mm256_stream_ps(o + c, sum4_edge(a0, a1, a2, a3, v0, v1, v2, v3, pad, c, xb, xe));
     for (int64_t c = lo; c < hi; c += 8)
       _mm256_stream_ps(o + c, weighted4(v0, _mm256_loadu_ps(a0 + c), v1, _mm256_loadu_ps(a1 + c), v2,
                                         _mm256_loadu_ps(a2 + c), v3, _mm256_loadu_ps(a3 + c)));
-    for (int64_t c = hi; c < wout; c += 8) _mm256_stream_ps(o + c, sum4_edge(a0, a1, a2, a3, v0, v1, v2, v3, pad, c, xb, xe));
+    for (int64_t c = hi; c < wout; c += 8)
+      _mm256_stream_ps(o + c, sum4_edge(a0, a1, a2, a3, v0, v1, v2, v3, pad, c, xb, xe));
   }
 }
 
