@@ -287,7 +287,6 @@ inline void stencil_rows(int64_t stride, float* dst, const float* g, int64_t gs,
   }
 }
 
-
 #undef TM_AVX2
 
 #else  // no AVX2 kernels on this compiler / architecture
