@@ -7,8 +7,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from tensormask.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value that cannot work; the message names the key and the allowed values."""
 
 
