@@ -9,14 +9,25 @@ from tensormask.modeling.windows import decode_boxes, encode_boxes, make_windows
 
 
 def test_focal_loss_star_by_hand():
+    """detectron2's (fvcore's) FL*: alpha_t * -log(sigmoid(gamma * x_t)) / gamma, no shift.
+
+    Hand values (gamma 3, alpha 0.3): positive x=2 -> x_t=2: log(1 + e^-6) / 3 * 0.3 = 0.00024757;
+    negative x=-1 -> x_t=1: log(1 + e^-3) / 3 * 0.7 = 0.01133705; sum 0.01158462.
+    """
     logits = torch.tensor([[2.0, -1.0]])
     targets = torch.tensor([[1.0, 0.0]])
-    gamma, alpha = 3.0, 0.3
-    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
-    pos = -math.log(sig(gamma * 2.0 + 1)) / gamma * alpha
-    neg = -math.log(sig(gamma * 1.0 + 1)) / gamma * (1 - alpha)
-    got = sigmoid_focal_loss_star(logits, targets, alpha, gamma)
-    assert abs(got.item() - (pos + neg)) < 1e-6
+    got = sigmoid_focal_loss_star(logits, targets, 0.3, 3.0)
+    assert abs(got.item() - 0.011584617) < 1e-7
+    # misclassified: positive x=-1.5 -> log(1 + e^4.5) / 3 * 0.3 = 0.45110477; negative x=1 ->
+    # log(1 + e^3) / 3 * 0.7 = 0.71133705
+    got = sigmoid_focal_loss_star(torch.tensor([[-1.5, 1.0]]), targets, 0.3, 3.0)
+    assert abs(got.item() - (0.45110477 + 0.71133705)) < 1e-6
+    # the RetinaNet appendix's shift beta=1 (an option): log(1 + e^-7) / 3 * 0.3 + log(1 + e^-4) / 3 * 0.7
+    got = sigmoid_focal_loss_star(logits, targets, 0.3, 3.0, shift=1.0)
+    assert abs(got.item() - 0.004326130) < 1e-7
+    # alpha < 0: no class weighting; the default shift is detectron2's 0
+    got = sigmoid_focal_loss_star(logits, targets, -1.0, 3.0)
+    assert abs(got.item() - (math.log1p(math.exp(-6)) + math.log1p(math.exp(-3))) / 3) < 1e-7
 
 
 def test_mask_bce_weights():

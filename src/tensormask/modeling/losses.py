@@ -7,14 +7,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def sigmoid_focal_loss_star(logits: Tensor, targets: Tensor, alpha: float = 0.3, gamma: float = 3.0) -> Tensor:
-    """FL* of the RetinaNet appendix, summed: -log(sigmoid(gamma * x_t + 1)) / gamma.
+def sigmoid_focal_loss_star(logits: Tensor, targets: Tensor, alpha: float = 0.3, gamma: float = 3.0,
+                            shift: float = 0.0) -> Tensor:
+    """FL* of the RetinaNet appendix, summed: alpha_t * -log(sigmoid(gamma * x_t + shift)) / gamma.
 
     logits, targets (R, K) with targets in {0, 1}; x_t = x for positives, -x for negatives;
-    alpha weighs positives, 1 - alpha negatives. Returns a scalar (sum over all elements).
+    alpha_t = alpha for positives, 1 - alpha for negatives (alpha < 0: no weighting). Returns a
+    scalar (sum over all elements). ``shift`` is the appendix's beta; 0 is what detectron2's
+    TensorMask trains with (fvcore's ``sigmoid_focal_loss_star``; docs/model.md "Losses").
     """
-    shifted = logits * (2 * targets - 1)
-    loss = -F.logsigmoid(gamma * shifted + 1.0) / gamma
+    x_t = logits * (2 * targets - 1)
+    loss = -F.logsigmoid(gamma * x_t + shift) / gamma
     if alpha >= 0:
         loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
     return loss.sum()

@@ -62,7 +62,8 @@ class TensorMask(nn.Module):
             are also the reported ones. Default: "bb", or "mask-bb" in mask_only mode.
         class_channels, box_channels, num_convs: class / box tower widths and depth.
         prior_prob: initial class probability.
-        focal_alpha, focal_gamma: FL* parameters. box_weights: delta weights.
+        focal_alpha, focal_gamma, focal_shift: FL* parameters (shift 0: detectron2's FL*; see
+            :func:`~tensormask.modeling.losses.sigmoid_focal_loss_star`). box_weights: delta weights.
         mask_loss_weight, mask_pos_weight: mask BCE weight and foreground weight.
         scale_thresh, min_size, spatial_thresh: the assignment rule (min_size None = smallest
             window at the finest level minus its unit, 40 px for the reference).
@@ -87,6 +88,7 @@ class TensorMask(nn.Module):
         prior_prob: float = 0.01,
         focal_alpha: float = 0.3,
         focal_gamma: float = 3.0,
+        focal_shift: float = 0.0,
         box_weights: tuple[float, ...] = BOX_WEIGHTS,
         mask_loss_weight: float = 2.0,
         mask_pos_weight: float = 1.5,
@@ -134,7 +136,7 @@ class TensorMask(nn.Module):
         self.class_head = ClassHead(channels, num_classes, num_windows, class_channels, num_convs, prior_prob)
         self.box_head = BoxHead(channels, num_windows, box_channels, num_convs) if mode != "mask_only" else None
         self.mask_head = mask_head if mode != "box_only" else None
-        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.focal_alpha, self.focal_gamma, self.focal_shift = focal_alpha, focal_gamma, focal_shift
         self.box_weights = tuple(box_weights)
         self.mask_loss_weight, self.mask_pos_weight = mask_loss_weight, mask_pos_weight
         self.scale_thresh, self.spatial_thresh = scale_thresh, spatial_thresh
@@ -189,7 +191,8 @@ class TensorMask(nn.Module):
         pos_image, pos_window, pos_gt = torch.cat(pos_image), torch.cat(pos_window), torch.cat(pos_gt)
         num_pos = pos_window.numel()
         normaliser = float(max(1, num_pos))
-        losses = {"loss_cls": sigmoid_focal_loss_star(logits, cls_targets, self.focal_alpha, self.focal_gamma) / normaliser}
+        losses = {"loss_cls": sigmoid_focal_loss_star(logits, cls_targets, self.focal_alpha, self.focal_gamma,
+                                                      self.focal_shift) / normaliser}
 
         if self.box_head is not None:
             deltas = flatten_per_window(out.deltas, 4).float()  # (N, M, 4)
