@@ -1,4 +1,10 @@
-"""Callbacks: a step-counting progress bar and validation pictures for the dashboards."""
+"""Callbacks: step-counting progress bars (tqdm, rich), early stopping on the step-counted
+validations, validation pictures and the final evaluation report for the dashboards.
+
+Each has a config under `conf/callbacks/` (see docs/framework.md, "Callbacks"); the EMA of the
+weights and the learning-rate monitor are Lightning's own (`EMAWeightAveraging`,
+`LearningRateMonitor`) and need no code here.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
+
+from tensormask.framework.validation import ConfigError
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -32,6 +40,52 @@ class StepProgressBar(TQDMProgressBar):
 
     def _should_update(self, current: int, total: int | float | None) -> bool:
         return self.is_enabled and (current % self.refresh_rate == 0 or current == total)
+
+
+class StepRichProgressBar(RichProgressBar):
+    """Rich progress bar (`callbacks=[default,rich_progress_bar]`) counting optimisation steps
+    towards `max_steps`, like `StepProgressBar` (training is one endless epoch)."""
+
+    def __init__(self, refresh_rate: int = 1, leave: bool = False, **kwargs: Any) -> None:
+        super().__init__(refresh_rate=refresh_rate, leave=leave, **kwargs)
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "train (steps)"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        if self.progress is not None and self.train_progress_bar_id is not None and trainer.max_steps > 0:
+            self.progress.update(self.train_progress_bar_id, total=trainer.max_steps, completed=trainer.global_step)
+            self.refresh()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.max_steps > 0:
+            self._update(self.train_progress_bar_id, trainer.global_step)
+
+
+class StepEarlyStopping(EarlyStopping):
+    """Lightning's `EarlyStopping` on the validations made during training.
+
+    Training is one endless epoch counted in steps, so there is no validation to stop on unless
+    `trainer.val_check_interval` asks for one every N steps; `val_check_interval` (the config
+    passes `${trainer.val_check_interval}`) is checked here, before any work starts. `patience`
+    counts validations, so the run stops after `patience * val_check_interval` steps without an
+    improvement of at least `min_delta` in `monitor` (default `val/segm_AP`; `val/bbox_AP` for
+    box-only models).
+    """
+
+    def __init__(self, *, val_check_interval: int | float | None, monitor: str = "val/segm_AP", mode: str = "max",
+                 **kwargs: Any) -> None:
+        if val_check_interval is None:
+            raise ConfigError(
+                "callbacks.early_stopping needs validations during training, but trainer.val_check_interval=null "
+                "(evaluate only at the end): set trainer.val_check_interval=<steps>, e.g. 500"
+            )
+        if not monitor.startswith("val/"):
+            raise ConfigError(f"callbacks.early_stopping.monitor={monitor!r}: must be a validation metric such as "
+                              "val/segm_AP or val/bbox_AP")
+        super().__init__(monitor=monitor, mode=mode, **kwargs)
 
 
 def denormalize(image: torch.Tensor, pixel_mean, pixel_std, bgr: bool) -> torch.Tensor:
