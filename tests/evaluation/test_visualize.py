@@ -8,7 +8,7 @@ from PIL import Image
 
 from tensormask.evaluation import ScoreCalibration, draw_detections, plot_pr_curves, side_by_side
 from tensormask.evaluation.calibration import CategoryCurve
-from tensormask.evaluation.visualize import class_colour
+from tensormask.evaluation.visualize import class_colour, label_layout, select
 
 GREY = 100
 
@@ -27,14 +27,57 @@ def test_masks_and_boxes_are_drawn_at_the_detections(tmp_path):
     det = detections([(1, 10, 20, 15, 0.9), (0, 40, 5, 10, 0.3)])
     pic = draw_detections(_image(), det, ["a", "b"], path=tmp_path / "p.png")
     assert pic.dtype == torch.uint8 and tuple(pic.shape) == (3, 50, 60)
-    # inside the kept mask: half grey, half the class colour
-    expected = torch.tensor([round(0.5 * GREY + 0.5 * c) for c in class_colour(1)], dtype=torch.uint8)
+    # inside the kept mask: half grey, half the class colour (torchvision's draw_segmentation_masks
+    # truncates to uint8)
+    expected = torch.tensor([int(0.5 * GREY + 0.5 * c) for c in class_colour(1)], dtype=torch.uint8)
     assert torch.equal(pic[:, 30, 20], expected)
     # the 0.3 detection is below the default raw threshold 0.5: untouched
     assert (pic[:, 8:14, 43:49] == GREY).all()
     # the box outline is drawn in the class colour on the mask's border
     assert torch.equal(pic[:, 34, 10], torch.tensor(class_colour(1), dtype=torch.uint8))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "p.png")), pic.permute(1, 2, 0).numpy())
+
+
+def test_smaller_object_is_on_top_where_masks_overlap():
+    # a big square of class 0 containing a small one of class 1: no black where they overlap
+    det = detections([(0, 5, 5, 40, 0.9), (1, 20, 20, 10, 0.8)])
+    pic = draw_detections(_image(), det, draw_boxes=False, draw_labels=False)
+    small = torch.tensor([int(0.5 * GREY + 0.5 * c) for c in class_colour(1)], dtype=torch.uint8)
+    big = torch.tensor([int(0.5 * GREY + 0.5 * c) for c in class_colour(0)], dtype=torch.uint8)
+    assert torch.equal(pic[:, 25, 25], small) and torch.equal(pic[:, 10, 10], big)
+
+
+def _dense(n_side=8, size=6, step=8, h=72, w=72):
+    """n_side x n_side small squares of 3 classes, 2 px apart: labels of ~40x12 px cannot all fit."""
+    items = [((r + c) % 3, 4 + c * step, 4 + r * step, size, 0.99 - 0.01 * (r * n_side + c))
+             for r in range(n_side) for c in range(n_side)]
+    return detections(items, h=h, w=w)
+
+
+def test_labels_do_not_pile_up_on_dense_small_objects():
+    det = _dense()
+    names = ["circle", "square", "triangle"]
+    kept, shown = select(det, threshold=0.0)
+    layout = label_layout(kept, shown, names, (72, 72))
+    rects = [r for r in layout.boxes if r is not None]
+    # the property: no two labels overlap, each is inside the picture, and some are still shown
+    assert 2 <= len(rects) < len(kept)
+    for i, a in enumerate(rects):
+        assert 0 <= a[0] < a[2] <= 72 and 0 <= a[1] < a[3] <= 72
+        for b in rects[i + 1:]:
+            overlap = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+            assert overlap == 0, (a, b)
+    # the best-scoring detections are labelled first
+    assert layout.boxes[0] is not None
+    # and the picture holds exactly those labels: a black frame (the padding) around white text
+    pic = draw_detections(_image(72, 72), det, names, score_threshold=0.0, draw_boxes=False)
+    for text, r in zip(layout.texts, layout.boxes):
+        if r is None:
+            continue
+        x0, y0, x1, y1 = r
+        assert (pic[:, y0, x0:x1] == 0).all() and (pic[:, y1 - 1, x0:x1] == 0).all(), text
+        inside = pic[:, y0 + 1:y1 - 1, x0 + 1:x1 - 1]
+        assert (inside.min(0).values > 200).any(), text  # some white text pixels
 
 
 def test_calibrated_threshold_decides_what_is_shown():

@@ -8,7 +8,9 @@ threshold; without a calibration the raw score is thresholded instead.
 from __future__ import annotations
 
 import colorsys
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -72,6 +74,100 @@ def select(
     return kept, scores[keep]
 
 
+@dataclass
+class LabelLayout:
+    """Where the labels of a picture go: `texts[i]` of kept detection i at `boxes[i]`
+    (x0, y0, x1, y1) in pixels, or None where no free place was found (the mask and box are still
+    drawn, in the class colour). Placed labels never overlap each other."""
+
+    texts: list[str]
+    boxes: list[tuple[int, int, int, int] | None]
+
+    @property
+    def placed(self) -> int:
+        return sum(b is not None for b in self.boxes)
+
+
+def _label_font(size: int = 10) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_labels(
+    boxes: torch.Tensor,
+    sizes: Sequence[tuple[int, int]],
+    canvas_size: tuple[int, int],
+    priority: Sequence[int] | None = None,
+) -> list[tuple[int, int, int, int] | None]:
+    """Greedy label placement that keeps labels apart on crowded pictures.
+
+    Labels are placed in `priority` order (default: as given; callers pass highest score first).
+    Each tries, in turn, above the box's top-left corner, inside it, below the box, above its
+    top-right corner and inside its bottom-left corner, shifted into the canvas; of the spots that
+    overlap no label placed before, the one hiding the least of the other detections' boxes wins.
+    A label with no free spot is left out (None): labels never pile up on dense small objects.
+
+    Args:
+        boxes: (D, 4) xyxy pixels.
+        sizes: (width, height) of each label's rectangle, padding included.
+        canvas_size: (H, W).
+    Returns: D rectangles (x0, y0, x1, y1), end-exclusive, or None.
+    """
+    h, w = canvas_size
+    xyxy = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    taken: list[tuple[int, int, int, int]] = []
+    out: list[tuple[int, int, int, int] | None] = [None] * len(sizes)
+    for i in (range(len(sizes)) if priority is None else priority):
+        tw, th = sizes[i]
+        if tw > w or th > h:
+            continue
+        x0, y0, x1, y1 = (int(round(float(v))) for v in xyxy[i])
+        best, best_cover = None, math.inf
+        for cx, cy in ((x0, y0 - th), (x0, y0), (x0, y1), (x1 - tw, y0 - th), (x0, y1 - th)):
+            cx, cy = min(max(cx, 0), w - tw), min(max(cy, 0), h - th)
+            rect = (cx, cy, cx + tw, cy + th)
+            if any(_overlaps(rect, t) for t in taken):
+                continue
+            # among the free spots, the one hiding the least of the other objects
+            iw = np.clip(np.minimum(xyxy[:, 2], rect[2]) - np.maximum(xyxy[:, 0], rect[0]), 0, None)
+            ih = np.clip(np.minimum(xyxy[:, 3], rect[3]) - np.maximum(xyxy[:, 1], rect[1]), 0, None)
+            cover = float((iw * ih).sum() - iw[i] * ih[i])
+            if cover < best_cover:
+                best, best_cover = rect, cover
+        if best is not None:
+            taken.append(best)
+            out[i] = best
+    return out
+
+
+def label_layout(
+    detections: Detections,
+    shown_scores: torch.Tensor,
+    class_names: Sequence[str] | None,
+    canvas_size: tuple[int, int],
+    *,
+    font_size: int = 10,
+) -> LabelLayout:
+    """The labels ("<class> <score>") of already selected detections and where `draw_detections`
+    puts them (`place_labels`, highest score first)."""
+    font = _label_font(font_size)
+    texts, sizes = [], []
+    for label, score in zip(detections.labels.tolist(), shown_scores.tolist()):
+        name = class_names[label] if class_names is not None and label < len(class_names) else str(label)
+        text = f"{name} {score:.2f}"
+        l, t, r, b = font.getbbox(text)
+        texts.append(text)
+        sizes.append((int(r - min(l, 0)) + 2, int(b - min(t, 0)) + 2))  # 1 px of padding around the text
+    priority = torch.argsort(shown_scores, descending=True, stable=True).tolist()
+    return LabelLayout(texts, place_labels(detections.boxes, sizes, canvas_size, priority))
+
+
 def draw_detections(
     image: torch.Tensor | np.ndarray | Image.Image,
     detections: Detections,
@@ -81,9 +177,16 @@ def draw_detections(
     score_threshold: float | None = None,
     mask_alpha: float = 0.5,
     draw_boxes: bool = True,
+    draw_labels: bool = True,
+    font_size: int = 10,
     path: str | os.PathLike | None = None,
 ) -> torch.Tensor:
     """Draw masks, boxes, class names and scores on an image.
+
+    Masks and boxes are drawn with torchvision's `draw_segmentation_masks` and
+    `draw_bounding_boxes`, in the class colour; where masks overlap, the smaller object's colour
+    is on top. Labels ("<class> <score>", white on a black box) are placed by `place_labels`, so
+    they never overlap: on dense small objects the lower-scoring ones are left out instead.
 
     Args:
         image: RGB uint8 (3, H, W) tensor, (H, W, 3) array or PIL image, in the detections' pixels
@@ -94,39 +197,49 @@ def draw_detections(
             the calibrated one.
         score_threshold: threshold on the (calibrated, if given) score; default 0.6 calibrated,
             0.5 raw.
+        draw_boxes, draw_labels: also draw the boxes, the labels.
+        font_size: of the labels, in pixels.
         path: also save the picture as PNG there.
 
     Returns the picture, uint8 (3, H, W).
     """
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
     canvas = _to_uint8_chw(image)
     h, w = canvas.shape[-2:]
     kept, shown = select(detections, calibration=calibration, threshold=score_threshold)
-    out = canvas.permute(1, 2, 0).numpy().astype(np.float32)
-    # largest first, so small objects stay visible on top
-    order = torch.argsort((kept.boxes[:, 2] - kept.boxes[:, 0]) * (kept.boxes[:, 3] - kept.boxes[:, 1]), descending=True)
+    colours = [class_colour(int(k)) for k in kept.labels]
     if kept.masks is not None and len(kept):
         if tuple(kept.masks.shape[-2:]) != (h, w):
             raise ValueError(f"masks are {tuple(kept.masks.shape[-2:])} but the image is {(h, w)}")
-        for i in order.tolist():
-            m = kept.masks[i].numpy().astype(bool)
-            colour = np.asarray(class_colour(int(kept.labels[i])), dtype=np.float32)
-            out[m] = (1 - mask_alpha) * out[m] + mask_alpha * colour
-    picture = Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(picture)
-    font = ImageFont.load_default()
-    for i in order.tolist():
-        label = int(kept.labels[i])
-        colour = class_colour(label)
-        x0, y0, x1, y1 = (float(v) for v in kept.boxes[i])
-        if draw_boxes:
-            draw.rectangle([x0, y0, x1, y1], outline=colour, width=max(1, round(min(h, w) / 300)))
-        name = class_names[label] if class_names is not None and label < len(class_names) else str(label)
-        text = f"{name} {float(shown[i]):.2f}"
-        tx, ty = x0, max(0.0, y0 - 11)
-        bbox = draw.textbbox((tx, ty), text, font=font)
-        draw.rectangle(bbox, fill=(0, 0, 0))
-        draw.text((tx, ty), text, fill=colour, font=font)
-    result = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
+        # each pixel takes the colour of the smallest mask covering it (torchvision blacks out overlaps)
+        owner = torch.full((h, w), -1, dtype=torch.int64)
+        areas = kept.masks.flatten(1).sum(1)
+        for i in torch.argsort(areas, descending=True, stable=True).tolist():
+            owner[kept.masks[i].bool()] = i
+        disjoint = owner[None] == torch.arange(len(kept))[:, None, None]
+        if disjoint.any():
+            canvas = draw_segmentation_masks(canvas, disjoint, alpha=mask_alpha, colors=colours)
+    if draw_boxes and len(kept):
+        boxes = kept.boxes.float().clone()
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w - 1)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h - 1)
+        boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2])
+        canvas = draw_bounding_boxes(canvas, boxes, colors=colours, width=max(1, round(min(h, w) / 300)))
+    if draw_labels and len(kept):
+        layout = label_layout(kept, shown, class_names, (h, w), font_size=font_size)
+        picture = Image.fromarray(canvas.permute(1, 2, 0).numpy().copy())
+        draw = ImageDraw.Draw(picture)
+        font = _label_font(font_size)
+        for text, rect in zip(layout.texts, layout.boxes):
+            if rect is None:
+                continue
+            x0, y0, x1, y1 = rect
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=(0, 0, 0))
+            l, t, _, _ = font.getbbox(text)
+            draw.text((x0 + 1 - min(l, 0), y0 + 1 - min(t, 0)), text, fill=(255, 255, 255), font=font)
+        canvas = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
+    result = canvas.contiguous()
     if path is not None:
         save_png(result, path)
     return result
