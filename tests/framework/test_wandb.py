@@ -1,15 +1,23 @@
-"""W&B: an offline run (no key) written into the run folder with the config, losses, metrics, pictures."""
+"""W&B: an offline run (no key) written into the run folder with the config, losses, metrics,
+pictures with mask and box overlays, the AP tables and the A.5 curves; checked in the run's own files."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from framework_helpers import tiny_train_config
+from tensormask.evaluation import ScoreCalibration
+from tensormask.evaluation.coco_eval import METRIC_NAMES
+from tensormask.framework.callbacks import ValidationImages
 from tensormask.framework.loggers import wandb_mode
 from tensormask.train import train
+from wandb_records import OfflineRun
 
 
 def test_wandb_mode(monkeypatch):
@@ -28,11 +36,13 @@ def test_wandb_mode(monkeypatch):
 def test_offline_run_has_the_expected_keys(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)  # auto -> offline because there is no key
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))  # tables' staging, not ~/.local
     run_dir = tmp_path / "run"
+    # every candidate kept (score threshold 0, at most 10 per image): the 2-step model detects something
     cfg = tiny_train_config(run_dir, "logger=wandb", "group=table2", "tags=[table2,bipyramid]",
                             "callbacks.validation_images.num_images=2", "callbacks.validation_images.score_threshold=0.0",
-                            pictures=True)
-    metrics, _ = train(cfg)
+                            "model.score_threshold=0.0", "model.max_detections=10", pictures=True)
+    metrics, objects = train(cfg)
     summary = json.loads((run_dir / "run_summary.json").read_text())
     info = summary["wandb"]
     assert info["mode"] == "offline" and info["project"] == "tensormask"
@@ -50,7 +60,8 @@ def test_offline_run_has_the_expected_keys(tmp_path, monkeypatch):
     # wandb.finish() returns on a loaded machine: wait (bounded) for the last records to land
     deadline = time.monotonic() + 60
     records = log.read_bytes()
-    while not (has("train/loss") and has("val/predictions")) and time.monotonic() < deadline:
+    while not (has("train/loss") and has("val/predictions") and has("val/calibration_segm_table")) \
+            and time.monotonic() < deadline:
         time.sleep(0.5)
         records = log.read_bytes()
 
@@ -64,3 +75,88 @@ def test_offline_run_has_the_expected_keys(tmp_path, monkeypatch):
     assert len(list((offline / "files" / "media" / "images" / "val").glob("predictions_*.png"))) == 2
     # the run id is kept in the run folder, so a resumed run continues the same W&B run
     assert (run_dir / "wandb_run_id").read_text().strip() == info["run_id"]
+
+    run = OfflineRun(offline)
+    _check_overlays(run, objects)
+    _check_evaluation_report(run, metrics, objects, run_dir)
+
+
+def _check_overlays(run: OfflineRun, objects) -> None:
+    """val/predictions: the undrawn images with the predictions and the ground truth as W&B mask and
+    box overlays, class ids = label + 1, the predictions' boxes carrying their scores."""
+    (callback,) = [c for c in objects["trainer"].callbacks if isinstance(c, ValidationImages)]
+    dataset = objects["datamodule"].val_dataset
+    logged = run.last("val/predictions/all_masks"), run.last("val/predictions/all_boxes")
+    assert run.last("val/predictions/_type") == "images/separated" and run.last("val/predictions/count") == 2
+    for picture, masks, boxes in zip(callback._pictures, *logged):
+        det = picture["detections"]
+        assert len(det) > 0
+        # predictions: one class map, nonzero exactly on the union of the predicted masks
+        pred = np.asarray(Image.open(run.file(masks["predictions"]["path"])))
+        assert pred.shape == tuple(det.masks.shape[-2:])
+        np.testing.assert_array_equal(pred > 0, det.masks.any(0).numpy())
+        assert set(np.unique(pred)) <= {0} | {int(k) + 1 for k in det.labels}
+        box_data = run.json_file(boxes["predictions"]["path"])["box_data"]
+        assert len(box_data) == len(det)
+        for entry, box, score, label in zip(box_data, det.boxes.tolist(), det.scores.tolist(), det.labels.tolist()):
+            p = entry["position"]
+            assert [p["minX"], p["minY"], p["maxX"], p["maxY"]] == pytest.approx(box)
+            assert entry["class_id"] == label + 1 and entry["scores"]["score"] == pytest.approx(score)
+            assert entry["box_caption"].startswith(dataset.class_names[label])
+        # ground truth: each object's own pixels carry its class, the background 0
+        gt_boxes, gt_masks, gt_labels = dataset.load_target(dataset.image_ids.index(picture["image_id"]))
+        gt = np.asarray(Image.open(run.file(masks["ground_truth"]["path"])))
+        covered = gt_masks.numpy().astype(int).sum(0)
+        assert (gt[covered == 0] == 0).all()
+        for m, label in zip(gt_masks.numpy().astype(bool), gt_labels.tolist()):
+            assert (gt[m & (covered == 1)] == label + 1).all()
+        gt_box_data = run.json_file(boxes["ground_truth"]["path"])["box_data"]
+        np.testing.assert_allclose([[b["position"][k] for k in ("minX", "minY", "maxX", "maxY")] for b in gt_box_data],
+                                   gt_boxes.numpy(), rtol=1e-6)
+    # the toggles: W&B's class names per overlay layer
+    labels = run.config["_wandb"]["mask/class_labels"]
+    assert labels["val/predictions_wandb_delimeter_predictions"]["value"] == {
+        "0": "background", **{str(k + 1): n for k, n in enumerate(dataset.class_names)}}
+
+
+def _check_evaluation_report(run: OfflineRun, metrics, objects, run_dir) -> None:
+    """The final evaluation as W&B tables and charts: the AP table, per-category AP, and the A.5
+    precision-recall and calibration curves, recomputed here from the run's COCO results JSON."""
+    table = run.json_file(run.last("val/coco_ap/path"))
+    assert table["columns"] == ["iou_type", *METRIC_NAMES]
+    for row in table["data"]:
+        for name, value in zip(METRIC_NAMES, row[1:]):
+            expected = metrics[row[0]][name]
+            assert value is None if math.isnan(expected) else value == pytest.approx(100 * expected, abs=1e-3)
+    assert [row[0] for row in table["data"]] == ["bbox", "segm"]
+
+    dataset = objects["datamodule"].val_dataset
+    per_cat = run.json_file(run.last("val/per_category_ap/path"))
+    assert per_cat["columns"] == ["category", "bbox AP", "segm AP"]
+    assert [row[0] for row in per_cat["data"]] == list(dataset.class_names)
+    for j, iou in enumerate(("bbox", "segm")):  # COCO's AP is the mean over the categories
+        values = [row[1 + j] for row in per_cat["data"] if row[1 + j] is not None]
+        assert np.mean(values) == pytest.approx(100 * metrics[iou]["AP"], abs=1e-2)
+
+    visualize = {k.split("/", 2)[2]: v for k, v in run.config.items() if k.startswith("_wandb/visualize/")}
+    for iou in ("bbox", "segm"):
+        fields = visualize[f"val/pr_curve_{iou}"]["panel_config"]["fieldSettings"]
+        assert fields == {"x": "recall", "y": "precision", "stroke": "category"}
+        assert visualize[f"val/calibration_{iou}"]["panel_config"]["fieldSettings"]["x"] == "score"
+        assert visualize[f"val/per_category_ap_{iou}"]["panel_config"]["fieldSettings"]["value"] == f"{iou} AP"
+        curves = run.json_file(run.last(f"val/pr_curve_{iou}_table/path"))
+        assert curves["columns"] == ["category", "recall", "precision", "score"]
+        calibration = ScoreCalibration.fit(dataset.coco, run_dir / "eval" / "coco_instances_results.json",
+                                           dataset.contiguous_to_coco, iou_type=iou)
+        for k, curve in enumerate(calibration.curves):
+            rows = [r[1:] for r in curves["data"] if r[0] == dataset.class_names[k]]
+            if curve is None:
+                assert not rows
+                continue
+            assert len(rows) == min(curve.scores.size, 200)
+            points = np.stack([curve.recall, curve.precision, curve.scores], 1)
+            assert rows[0] == pytest.approx(points[0].tolist()) and rows[-1] == pytest.approx(points[-1].tolist())
+            for r in rows:
+                assert np.isclose(points, r).all(1).any()
+        assert run.file(run.last(f"val/pr_curves_{iou}/path")).is_file()
+        assert (run_dir / "eval" / f"pr_curves_{iou}.png").is_file()

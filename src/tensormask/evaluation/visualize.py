@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -354,3 +354,55 @@ def plot_pr_curves(
     fig.savefig(path, dpi=100)
     plt.close("all")
     return path
+
+
+def wandb_overlays(
+    detections: Detections,
+    class_names: Sequence[str] | None = None,
+    *,
+    calibration: ScoreCalibration | None = None,
+    score_threshold: float | None = None,
+    ground_truth: Detections | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The W&B overlays of one picture: {"masks": {...}, "boxes": {...}}, the keyword arguments of
+    `wandb.Image(image, masks=..., boxes=...)` (plain dicts and arrays; no wandb import here).
+
+    Each has a "predictions" layer (the detections `select` keeps) and, with `ground_truth`
+    (boxes, labels, masks in the same pixels; scores unused), a "ground_truth" layer; W&B shows a
+    toggle per layer and per class. Class ids are contiguous label + 1 (0 is the masks'
+    background). Masks become one class map per layer, the smaller object on top where masks
+    overlap; boxes carry their caption "<class> <score>" and the shown (calibrated, if given)
+    score, which W&B's score slider filters.
+    """
+    names = list(class_names) if class_names is not None else []
+    kept, shown = select(detections, calibration=calibration, threshold=score_threshold)
+    num_classes = max([len(names)] + [int(k) + 1 for k in kept.labels.tolist()]
+                      + ([int(k) + 1 for k in ground_truth.labels.tolist()] if ground_truth is not None else []))
+    class_labels = {k + 1: (names[k] if k < len(names) else str(k)) for k in range(num_classes)}
+    masks: dict[str, Any] = {}
+    boxes: dict[str, Any] = {}
+    layers = [("predictions", kept, shown)]
+    if ground_truth is not None:
+        layers.append(("ground_truth", ground_truth, None))
+    for layer, dets, scores in layers:
+        labels = dets.labels.detach().cpu().tolist()
+        box_data = []
+        for i, (x0, y0, x1, y1) in enumerate(dets.boxes.detach().cpu().float().tolist()):
+            entry: dict[str, Any] = {
+                "position": {"minX": x0, "minY": y0, "maxX": x1, "maxY": y1},
+                "domain": "pixel",
+                "class_id": labels[i] + 1,
+                "box_caption": class_labels[labels[i] + 1],
+            }
+            if scores is not None:
+                entry["box_caption"] += f" {float(scores[i]):.2f}"
+                entry["scores"] = {"score": float(scores[i])}
+            box_data.append(entry)
+        boxes[layer] = {"box_data": box_data, "class_labels": class_labels}
+        if dets.masks is not None:
+            m = dets.masks.detach().cpu().bool()
+            class_map = torch.zeros(m.shape[-2:], dtype=torch.uint8 if num_classes < 255 else torch.int32)
+            for i in torch.argsort(m.flatten(1).sum(1), descending=True, stable=True).tolist():
+                class_map[m[i]] = labels[i] + 1
+            masks[layer] = {"mask_data": class_map.numpy(), "class_labels": {0: "background", **class_labels}}
+    return {"masks": masks, "boxes": boxes}

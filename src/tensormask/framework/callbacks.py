@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar, TQDMProg
 from lightning.pytorch.utilities import rank_zero_only
 
 from tensormask.framework.validation import ConfigError
+from tensormask.structures import Detections
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -99,13 +100,20 @@ def denormalize(image: torch.Tensor, pixel_mean, pixel_std, bgr: bool) -> torch.
 
 
 class ValidationImages(L.Callback):
-    """Logs the first `num_images` validation images with their predicted masks and boxes to the
-    loggers that take images (W&B, tensorboard), once per evaluation."""
+    """The first `num_images` validation images with their predictions, once per evaluation.
 
-    def __init__(self, num_images: int = 4, score_threshold: float = 0.5) -> None:
+    W&B gets each as a `wandb.Image` of the undrawn image with the predicted masks and boxes and
+    the ground truth as overlays (toggles per layer and class, boxes filtered by score in the UI;
+    `tensormask.framework.loggers.detection_image`), under `val/predictions`; tensorboard gets
+    the pictures drawn by `draw_detections` under `val/predictions/<image id>`. Detections below
+    `score_threshold` are left out of both.
+    """
+
+    def __init__(self, num_images: int = 4, score_threshold: float = 0.5, ground_truth: bool = True) -> None:
         self.num_images = num_images
         self.score_threshold = score_threshold
-        self._pictures: list[tuple[int, torch.Tensor]] = []
+        self.ground_truth = ground_truth
+        self._pictures: list[dict[str, Any]] = []
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._pictures = []
@@ -114,37 +122,109 @@ class ValidationImages(L.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx: int = 0) -> None:
         if len(self._pictures) >= self.num_images or not outputs or trainer.sanity_checking:
             return
-        from tensormask.evaluation import draw_detections
-
         dm = trainer.datamodule
-        class_names = getattr(dm.val_dataset, "class_names", None)
+        dataset = getattr(dm, "val_dataset", None)
+        ids = list(getattr(dataset, "image_ids", []))
         for i, det in enumerate(outputs):
             if len(self._pictures) >= self.num_images:
                 break
-            h, w = batch.image_sizes[i]
-            image = denormalize(batch.images[i, :, :h, :w].cpu(), dm.pixel_mean, dm.pixel_std, dm.bgr)
-            h0, w0 = batch.orig_sizes[i]
-            if (h, w) != (h0, w0):  # the detections are in original pixels
-                image = torch.nn.functional.interpolate(image[None].float(), size=(h0, w0), mode="bilinear",
-                                                        align_corners=False)[0].round().to(torch.uint8)
-            picture = draw_detections(image, det, class_names, score_threshold=self.score_threshold)
-            self._pictures.append((int(batch.image_ids[i]), picture))
+            image_id = int(batch.image_ids[i])
+            picture: dict[str, Any] = {"image_id": image_id, "detections": det, "caption": f"image {image_id}"}
+            if image_id in ids and hasattr(dataset, "load_image"):  # the stored image, in the detections' pixels
+                index = ids.index(image_id)
+                picture["image"] = dataset.load_image(index)
+                if self.ground_truth:
+                    boxes, masks, labels = dataset.load_target(index)
+                    picture["ground_truth"] = Detections(boxes=boxes, scores=torch.ones(len(labels)), labels=labels,
+                                                         masks=masks.bool())
+            else:  # the model input, back to uint8 and to the original size
+                picture["image"] = _original_image(batch, i, dm)
+            self._pictures.append(picture)
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not self._pictures or trainer.sanity_checking:
             return
-        from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+        from lightning.pytorch.loggers import TensorBoardLogger
 
+        from tensormask.evaluation import draw_detections
+        from tensormask.framework.loggers import log_detection_images, wandb_loggers
+
+        class_names = getattr(getattr(trainer.datamodule, "val_dataset", None), "class_names", None)
         step = trainer.global_step
+        for logger in wandb_loggers(trainer.loggers):
+            log_detection_images(logger, "val/predictions", self._pictures, class_names,
+                                 score_threshold=self.score_threshold, step=step)
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(
-                    key="val/predictions",
-                    images=[p.permute(1, 2, 0).numpy() for _, p in self._pictures],
-                    caption=[f"image {i}" for i, _ in self._pictures],
-                    step=step,
-                )
-            elif isinstance(logger, TensorBoardLogger):
-                for image_id, p in self._pictures:
-                    logger.experiment.add_image(f"val/predictions/{image_id}", p, global_step=step)
+            if isinstance(logger, TensorBoardLogger):
+                for p in self._pictures:
+                    drawn = draw_detections(p["image"], p["detections"], class_names,
+                                            score_threshold=self.score_threshold)
+                    logger.experiment.add_image(f"val/predictions/{p['image_id']}", drawn, global_step=step)
+
+
+def _original_image(batch, i: int, dm) -> torch.Tensor:
+    h, w = batch.image_sizes[i]
+    image = denormalize(batch.images[i, :, :h, :w].cpu(), dm.pixel_mean, dm.pixel_std, dm.bgr)
+    h0, w0 = batch.orig_sizes[i]
+    if (h, w) != (h0, w0):  # the detections are in original pixels
+        image = torch.nn.functional.interpolate(image[None].float(), size=(h0, w0), mode="bilinear",
+                                                align_corners=False)[0].round().to(torch.uint8)
+    return image
+
+
+class EvaluationReport(L.Callback):
+    """The final evaluation to W&B as tables and plots: the COCO AP table, the per-category AP and,
+    for each IoU type, the precision-recall and score-calibration curves of appendix A.5
+    (`tensormask.framework.loggers.evaluation_report`; docs/framework.md, "Dashboards").
+
+    "Final" is an evaluation by `trainer.validate` (the end of `tensormask-train`, and
+    `tensormask-eval`); with `every_validation` also those during training. Fitting the
+    calibration re-runs COCO's matching once per IoU type on rank 0 (seconds on the synthetic
+    set, about a minute on COCO val2017). Does nothing without a W&B logger.
+
+    Args:
+        calibration: fit and log the A.5 PR / calibration curves.
+        max_curve_points: points per category and curve in the logged tables.
+        figures: also draw the per-category PR panels (`plot_pr_curves`) as `pr_curves_<iou>.png`
+            beside the evaluator's COCO results JSON and log them as pictures.
+    """
+
+    def __init__(self, calibration: bool = True, max_curve_points: int = 200, every_validation: bool = False,
+                 figures: bool = True) -> None:
+        self.calibration = calibration
+        self.max_curve_points = max_curve_points
+        self.every_validation = every_validation
+        self.figures = figures
+        self.logged: list[str] = []  # the keys of the last report
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        from tensormask.evaluation.calibration import ScoreCalibration
+        from tensormask.evaluation.coco_eval import per_category_ap
+        from tensormask.framework.loggers import evaluation_report, wandb_loggers
+
+        loggers = wandb_loggers(trainer.loggers)
+        evaluator = getattr(pl_module, "evaluator", None)
+        metrics = getattr(pl_module, "last_metrics", None)
+        if trainer.sanity_checking or not loggers or evaluator is None or not metrics:
+            return
+        if trainer.state.fn != TrainerFn.VALIDATING and not self.every_validation:
+            return
+        names = dict(zip(evaluator.contiguous_to_coco, evaluator.class_names))
+        per_category = {
+            iou: {names.get(c, str(c)): ap for c, ap in per_category_ap(evaluator.cocoevals[iou]).items()}
+            for iou in metrics if iou in evaluator.cocoevals
+        }
+        calibrations = {}
+        if self.calibration and evaluator.last_results:
+            for iou in metrics:
+                calibrations[iou] = ScoreCalibration.from_evaluator(evaluator, iou_type=iou)
+        figure_dir = getattr(evaluator, "output_dir", None) if self.figures else None
+        report = evaluation_report(metrics, per_category, calibrations, prefix="val",
+                                   max_curve_points=self.max_curve_points, figure_dir=figure_dir)
+        for logger in loggers:
+            logger.log_metrics(report, step=trainer.global_step)
+        self.logged = sorted(report)

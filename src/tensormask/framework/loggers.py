@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -92,3 +93,125 @@ def wandb_info(loggers: Sequence[Any]) -> dict[str, Any] | None:
                 "dir": getattr(run, "dir", None),
             }
     return None
+
+
+# -- what goes to W&B beyond scalars: pictures with overlays, the AP tables, the A.5 curves -------
+
+def wandb_loggers(loggers: Sequence[Any]) -> list[Any]:
+    """The Lightning `WandbLogger`s among `loggers` (a trainer's `trainer.loggers`)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [lg for lg in loggers if isinstance(lg, WandbLogger)]
+
+
+def detection_image(
+    image: Any,
+    detections: Any,
+    class_names: Sequence[str] | None = None,
+    *,
+    score_threshold: float | None = None,
+    calibration: Any = None,
+    ground_truth: Any = None,
+    caption: str | None = None,
+):
+    """A `wandb.Image` of the undrawn `image` (uint8 (3, H, W)) with the detections (and the
+    ground truth) as W&B mask and box overlays (`tensormask.evaluation.visualize.wandb_overlays`):
+    in W&B each layer and each class can be toggled and boxes filtered by score."""
+    import wandb
+
+    from tensormask.evaluation.visualize import _to_uint8_chw, wandb_overlays
+
+    overlays = wandb_overlays(detections, class_names, calibration=calibration, score_threshold=score_threshold,
+                              ground_truth=ground_truth)
+    array = _to_uint8_chw(image).permute(1, 2, 0).numpy()
+    return wandb.Image(array, caption=caption, masks=overlays["masks"] or None, boxes=overlays["boxes"])
+
+
+def log_detection_images(
+    logger: Any,
+    key: str,
+    pictures: Sequence[dict[str, Any]],
+    class_names: Sequence[str] | None = None,
+    *,
+    score_threshold: float | None = None,
+    step: int | None = None,
+) -> None:
+    """Log pictures to a `WandbLogger` under `key`, each a dict {"image", "detections",
+    optional "ground_truth", "caption"}, as `wandb.Image`s with overlays (`detection_image`)."""
+    images = [
+        detection_image(p["image"], p["detections"], class_names, score_threshold=score_threshold,
+                        ground_truth=p.get("ground_truth"), caption=p.get("caption"))
+        for p in pictures
+    ]
+    if images:
+        logger.log_metrics({key: images}, step=step)
+
+
+def _percent(value: float) -> float | None:
+    """AP fraction -> percent for a W&B table; nan (no ground truth) -> None (JSON null)."""
+    return None if value is None or math.isnan(float(value)) else round(100.0 * float(value), 3)
+
+
+def _curve_points(n: int, max_points: int):
+    import numpy as np
+
+    return np.unique(np.linspace(0, n - 1, min(n, max_points)).round().astype(int)) if n else np.zeros(0, int)
+
+
+def evaluation_report(
+    metrics: dict[str, dict[str, float]],
+    per_category: dict[str, dict[str, float]] | None = None,
+    calibrations: dict[str, Any] | None = None,
+    *,
+    prefix: str = "val",
+    max_curve_points: int = 200,
+    figure_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The final evaluation as W&B objects, {key: wandb.Table | chart | wandb.Image}:
+
+    - `<prefix>/coco_ap`: table, one row per IoU type, the 12 COCO numbers in percent;
+    - `<prefix>/per_category_ap`: table (category x IoU type, percent) and
+      `<prefix>/per_category_ap_<iou>` a bar chart of it;
+    - with `calibrations` ({iou type: ScoreCalibration}, appendix A.5): `<prefix>/pr_curve_<iou>`
+      (precision against recall, one line per category) and `<prefix>/calibration_<iou>`
+      (precision, i.e. the calibrated score, against the detector score), from one table of at most
+      `max_curve_points` points per category; with `figure_dir` also the per-category PR panels
+      (`plot_pr_curves`, written there as `pr_curves_<iou>.png`) as `<prefix>/pr_curves_<iou>`.
+    """
+    import wandb
+
+    from tensormask.evaluation.coco_eval import METRIC_NAMES
+    from tensormask.evaluation.visualize import plot_pr_curves
+
+    out: dict[str, Any] = {}
+    out[f"{prefix}/coco_ap"] = wandb.Table(
+        columns=["iou_type", *METRIC_NAMES],
+        data=[[iou, *(_percent(values.get(n, math.nan)) for n in METRIC_NAMES)] for iou, values in metrics.items()],
+    )
+    if per_category:
+        types = list(per_category)
+        names = list(dict.fromkeys(n for t in types for n in per_category[t]))
+        table = wandb.Table(columns=["category", *[f"{t} AP" for t in types]],
+                            data=[[n, *(_percent(per_category[t].get(n, math.nan)) for t in types)] for n in names])
+        out[f"{prefix}/per_category_ap"] = table
+        for t in types:
+            out[f"{prefix}/per_category_ap_{t}"] = wandb.plot.bar(table, "category", f"{t} AP",
+                                                                  title=f"{t} AP per category (%)")
+    for iou, calibration in (calibrations or {}).items():
+        rows = []
+        for k, curve in enumerate(calibration.curves):
+            if curve is None:
+                continue
+            name = calibration.class_names[k] if k < len(calibration.class_names) else str(k)
+            for i in _curve_points(curve.scores.size, max_curve_points):
+                rows.append([name, float(curve.recall[i]), float(curve.precision[i]), float(curve.scores[i])])
+        table = wandb.Table(columns=["category", "recall", "precision", "score"], data=rows)
+        out[f"{prefix}/pr_curve_{iou}"] = wandb.plot.line(table, "recall", "precision", stroke="category",
+                                                          title=f"{iou} precision-recall per category (A.5)")
+        out[f"{prefix}/calibration_{iou}"] = wandb.plot.line(
+            table, "score", "precision", stroke="category",
+            title=f"{iou} score -> precision (calibrated score, A.5)")
+        if figure_dir is not None:
+            path = plot_pr_curves(calibration, os.path.join(figure_dir, f"pr_curves_{iou}.png"))
+            out[f"{prefix}/pr_curves_{iou}"] = wandb.Image(str(path), caption=f"{iou} PR curves per category")
+    return out
