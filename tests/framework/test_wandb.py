@@ -160,3 +160,56 @@ def _check_evaluation_report(run: OfflineRun, metrics, objects, run_dir) -> None
                 assert np.isclose(points, r).all(1).any()
         assert run.file(run.last(f"val/pr_curves_{iou}/path")).is_file()
         assert (run_dir / "eval" / f"pr_curves_{iou}.png").is_file()
+
+
+def test_prediction_pictures_go_to_wandb_with_overlays(tmp_path, monkeypatch):
+    """`PredictionImages` (tensormask-predict's W&B pictures) under trainer.predict, offline."""
+    from tensormask.framework.builders import build_datamodule, build_model, build_module, build_trainer
+    from tensormask.framework.callbacks import PredictionImages
+    from tensormask.framework.loggers import finish_wandb, wandb_logger
+
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))
+    cfg = tiny_train_config(tmp_path / "run", "model.score_threshold=0.0", "model.max_detections=5")
+    model = build_model(cfg)
+    dm = build_datamodule(cfg, model)
+    dm.prepare_data()
+    dm.setup("validate")
+    module = build_module(cfg, model)
+    module.evaluator_factory = None
+    dataset = dm.val_dataset
+
+    def reader(image_id):
+        return dataset.load_image(dataset.image_ids.index(image_id))
+
+    stored = PredictionImages(num_images=3, score_threshold=0.0, image_reader=reader, names=lambda i: f"file{i}.png",
+                              class_names=dataset.class_names)
+    fallback = PredictionImages(num_images=1, score_threshold=0.0, key="predict/from_input")  # no reader
+    logger = wandb_logger(save_dir=str(tmp_path / "run"), mode="offline", job_type="predict")
+    trainer = build_trainer(cfg, callbacks=[stored, fallback], loggers=[logger])
+    trainer.predict(module, dataloaders=dm.val_dataloader(), return_predictions=False)
+    finish_wandb([logger])
+
+    (folder,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wandb-core may still be flushing its log
+        run = OfflineRun(folder)
+        if "predict/predictions/all_masks" in run.history and "predict/from_input/filenames" in run.history:
+            break
+        time.sleep(0.5)
+    assert run.last("predict/predictions/count") == 3
+    assert run.last("predict/predictions/captions") == [f"file{p['image_id']}.png" for p in stored._pictures]
+    for picture, file, masks, boxes in zip(stored._pictures, run.last("predict/predictions/filenames"),
+                                           run.last("predict/predictions/all_masks"),
+                                           run.last("predict/predictions/all_boxes")):
+        # the undrawn stored image, the detections as overlays
+        np.testing.assert_array_equal(np.asarray(Image.open(run.file(file)).convert("RGB")),
+                                      reader(picture["image_id"]).permute(1, 2, 0).numpy())
+        det = picture["detections"]
+        assert len(det) > 0 and set(masks) == {"predictions"}
+        pred = np.asarray(Image.open(run.file(masks["predictions"]["path"])))
+        np.testing.assert_array_equal(pred > 0, det.masks.any(0).numpy())
+        assert len(run.json_file(boxes["predictions"]["path"])["box_data"]) == len(det)
+    # without a reader: the model input, back at the original size
+    (picture,) = fallback._pictures
+    with Image.open(run.file(run.last("predict/from_input/filenames")[0])) as im:
+        assert (im.height, im.width) == tuple(picture["detections"].masks.shape[-2:])

@@ -8,6 +8,7 @@ weights and the learning-rate monitor are Lightning's own (`EMAWeightAveraging`,
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -163,14 +164,71 @@ class ValidationImages(L.Callback):
                     logger.experiment.add_image(f"val/predictions/{p['image_id']}", drawn, global_step=step)
 
 
-def _original_image(batch, i: int, dm) -> torch.Tensor:
+def _original_image(batch, i: int, dm, model=None) -> torch.Tensor:
+    """Image i of a batch back to uint8 RGB at its original size (normalisation from the data
+    module, or else from the model: `pixel_mean`, `pixel_std`, `input_format`)."""
+    source = dm if dm is not None and hasattr(dm, "pixel_mean") else model
+    bgr = getattr(source, "bgr", str(getattr(source, "input_format", "RGB")).upper() == "BGR")
     h, w = batch.image_sizes[i]
-    image = denormalize(batch.images[i, :, :h, :w].cpu(), dm.pixel_mean, dm.pixel_std, dm.bgr)
+    image = denormalize(batch.images[i, :, :h, :w].cpu(), list(source.pixel_mean), list(source.pixel_std), bgr)
     h0, w0 = batch.orig_sizes[i]
     if (h, w) != (h0, w0):  # the detections are in original pixels
         image = torch.nn.functional.interpolate(image[None].float(), size=(h0, w0), mode="bilinear",
                                                 align_corners=False)[0].round().to(torch.uint8)
     return image
+
+
+class PredictionImages(L.Callback):
+    """tensormask-predict's pictures to W&B: the first `num_images` images that `trainer.predict`
+    runs on, as `wandb.Image`s with the detections scoring at least `score_threshold` as mask and
+    box overlays (as `ValidationImages`, without ground truth), under `key`, logged when
+    prediction ends. Does nothing without a W&B logger.
+
+    Args:
+        image_reader: image id -> the stored image, uint8 (3, H, W) in the detections' pixels
+            (tensormask-predict passes its image files' reader); default: the model input,
+            un-normalised and resized back to the original size.
+    """
+
+    def __init__(self, num_images: int = 16, score_threshold: float = 0.5, key: str = "predict/predictions",
+                 image_reader: Callable[[int], torch.Tensor] | None = None, names: Callable[[int], str] | None = None,
+                 class_names: Sequence[str] | None = None) -> None:
+        self.num_images = num_images
+        self.score_threshold = score_threshold
+        self.key = key
+        self.image_reader = image_reader
+        self.names = names
+        self.class_names = list(class_names) if class_names is not None else None
+        self._pictures: list[dict[str, Any]] = []
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._pictures = []
+
+    @rank_zero_only
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        from tensormask.framework.loggers import wandb_loggers
+
+        if batch is None or not outputs or len(self._pictures) >= self.num_images or not wandb_loggers(trainer.loggers):
+            return
+        for i, det in enumerate(outputs):
+            if len(self._pictures) >= self.num_images:
+                break
+            image_id = int(batch.image_ids[i])
+            image = self.image_reader(image_id) if self.image_reader is not None else None
+            if image is None:
+                image = _original_image(batch, i, trainer.datamodule if trainer.datamodule is not None else None,
+                                        model=pl_module.model)
+            caption = self.names(image_id) if self.names is not None else f"image {image_id}"
+            self._pictures.append({"image_id": image_id, "image": image, "detections": det.to("cpu"),
+                                   "caption": caption})
+
+    @rank_zero_only
+    def on_predict_end(self, trainer, pl_module) -> None:
+        from tensormask.framework.loggers import log_detection_images, wandb_loggers
+
+        for logger in wandb_loggers(trainer.loggers):
+            log_detection_images(logger, self.key, self._pictures, self.class_names,
+                                 score_threshold=self.score_threshold)
 
 
 class EvaluationReport(L.Callback):

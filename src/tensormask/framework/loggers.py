@@ -104,6 +104,15 @@ def wandb_loggers(loggers: Sequence[Any]) -> list[Any]:
     return [lg for lg in loggers if isinstance(lg, WandbLogger)]
 
 
+def finish_wandb(loggers: Sequence[Any]) -> None:
+    """End the W&B run of `loggers` (if any), so that its files are complete when this returns."""
+    if wandb_loggers(loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
 def detection_image(
     image: Any,
     detections: Any,
