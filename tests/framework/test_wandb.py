@@ -58,12 +58,14 @@ def test_offline_run_has_the_expected_keys(tmp_path, monkeypatch):
 
     # wandb-core appends to the log from its own process and may still be flushing after
     # wandb.finish() returns on a loaded machine: wait (bounded) for the last records to land
+    expected = ("train/loss", "val/predictions/all_masks", "val/coco_ap/path", "val/per_category_ap/path",
+                "val/pr_curve_segm_table/path", "val/pr_curves_segm/path")
     deadline = time.monotonic() + 60
-    records = log.read_bytes()
-    while not (has("train/loss") and has("val/predictions") and has("val/calibration_segm_table")) \
-            and time.monotonic() < deadline:
+    run = OfflineRun(offline)
+    while not all(k in run.history for k in expected) and time.monotonic() < deadline:
         time.sleep(0.5)
-        records = log.read_bytes()
+        run = OfflineRun(offline)
+    records = log.read_bytes()
 
     for key in ("train/loss", "train/loss_cls", "train/loss_box", "train/loss_mask", "lr", "val/segm_AP",
                 "val/bbox_AP", "val/bbox_AP50", "val/segm_AP75", "val/predictions",  # metrics and pictures
@@ -76,7 +78,6 @@ def test_offline_run_has_the_expected_keys(tmp_path, monkeypatch):
     # the run id is kept in the run folder, so a resumed run continues the same W&B run
     assert (run_dir / "wandb_run_id").read_text().strip() == info["run_id"]
 
-    run = OfflineRun(offline)
     _check_overlays(run, objects)
     _check_evaluation_report(run, metrics, objects, run_dir)
 
@@ -91,9 +92,13 @@ def _check_overlays(run: OfflineRun, objects) -> None:
     for picture, masks, boxes in zip(callback._pictures, *logged):
         det = picture["detections"]
         assert len(det) > 0
-        # predictions: one class map, nonzero exactly on the union of the predicted masks
+        # predictions: one class map, nonzero exactly on the union of the predicted masks; images
+        # of one key are padded (bottom, right) to the largest one's size
         pred = np.asarray(Image.open(run.file(masks["predictions"]["path"])))
-        assert pred.shape == tuple(det.masks.shape[-2:])
+        h, w = det.masks.shape[-2:]
+        assert pred.shape == (run.last("val/predictions/height"), run.last("val/predictions/width"))
+        assert (pred[h:] == 0).all() and (pred[:, w:] == 0).all()
+        pred = pred[:h, :w]
         np.testing.assert_array_equal(pred > 0, det.masks.any(0).numpy())
         assert set(np.unique(pred)) <= {0} | {int(k) + 1 for k in det.labels}
         box_data = run.json_file(boxes["predictions"]["path"])["box_data"]
@@ -105,7 +110,7 @@ def _check_overlays(run: OfflineRun, objects) -> None:
             assert entry["box_caption"].startswith(dataset.class_names[label])
         # ground truth: each object's own pixels carry its class, the background 0
         gt_boxes, gt_masks, gt_labels = dataset.load_target(dataset.image_ids.index(picture["image_id"]))
-        gt = np.asarray(Image.open(run.file(masks["ground_truth"]["path"])))
+        gt = np.asarray(Image.open(run.file(masks["ground_truth"]["path"])))[:h, :w]
         covered = gt_masks.numpy().astype(int).sum(0)
         assert (gt[covered == 0] == 0).all()
         for m, label in zip(gt_masks.numpy().astype(bool), gt_labels.tolist()):
@@ -201,15 +206,16 @@ def test_prediction_pictures_go_to_wandb_with_overlays(tmp_path, monkeypatch):
     for picture, file, masks, boxes in zip(stored._pictures, run.last("predict/predictions/filenames"),
                                            run.last("predict/predictions/all_masks"),
                                            run.last("predict/predictions/all_boxes")):
-        # the undrawn stored image, the detections as overlays
-        np.testing.assert_array_equal(np.asarray(Image.open(run.file(file)).convert("RGB")),
-                                      reader(picture["image_id"]).permute(1, 2, 0).numpy())
+        # the undrawn stored image (padded to the largest of the key), the detections as overlays
         det = picture["detections"]
+        h, w = det.masks.shape[-2:]
+        np.testing.assert_array_equal(np.asarray(Image.open(run.file(file)).convert("RGB"))[:h, :w],
+                                      reader(picture["image_id"]).permute(1, 2, 0).numpy())
         assert len(det) > 0 and set(masks) == {"predictions"}
-        pred = np.asarray(Image.open(run.file(masks["predictions"]["path"])))
+        pred = np.asarray(Image.open(run.file(masks["predictions"]["path"])))[:h, :w]
         np.testing.assert_array_equal(pred > 0, det.masks.any(0).numpy())
         assert len(run.json_file(boxes["predictions"]["path"])["box_data"]) == len(det)
     # without a reader: the model input, back at the original size
     (picture,) = fallback._pictures
-    with Image.open(run.file(run.last("predict/from_input/filenames")[0])) as im:
+    with Image.open(run.file(run.last("predict/from_input/filenames")[0])) as im:  # a single image: no padding
         assert (im.height, im.width) == tuple(picture["detections"].masks.shape[-2:])

@@ -363,6 +363,7 @@ def wandb_overlays(
     calibration: ScoreCalibration | None = None,
     score_threshold: float | None = None,
     ground_truth: Detections | None = None,
+    canvas_size: tuple[int, int] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The W&B overlays of one picture: {"masks": {...}, "boxes": {...}}, the keyword arguments of
     `wandb.Image(image, masks=..., boxes=...)` (plain dicts and arrays; no wandb import here).
@@ -372,7 +373,8 @@ def wandb_overlays(
     toggle per layer and per class. Class ids are contiguous label + 1 (0 is the masks'
     background). Masks become one class map per layer, the smaller object on top where masks
     overlap; boxes carry their caption "<class> <score>" and the shown (calibrated, if given)
-    score, which W&B's score slider filters.
+    score, which W&B's score slider filters. `canvas_size` (H, W): the class maps' size when the
+    image is padded beyond the masks (at the bottom and right; default: the masks' size).
     """
     names = list(class_names) if class_names is not None else []
     kept, shown = select(detections, calibration=calibration, threshold=score_threshold)
@@ -401,7 +403,9 @@ def wandb_overlays(
         boxes[layer] = {"box_data": box_data, "class_labels": class_labels}
         if dets.masks is not None:
             m = dets.masks.detach().cpu().bool()
-            class_map = torch.zeros(m.shape[-2:], dtype=torch.uint8 if num_classes < 255 else torch.int32)
+            h, w = canvas_size if canvas_size is not None else m.shape[-2:]
+            class_map = torch.zeros((h, w), dtype=torch.uint8 if num_classes < 255 else torch.int32)
+            m = torch.nn.functional.pad(m.to(torch.uint8), (0, w - m.shape[-1], 0, h - m.shape[-2])).bool()
             for i in torch.argsort(m.flatten(1).sum(1), descending=True, stable=True).tolist():
                 class_map[m[i]] = labels[i] + 1
             masks[layer] = {"mask_data": class_map.numpy(), "class_labels": {0: "background", **class_labels}}

@@ -122,16 +122,18 @@ def detection_image(
     calibration: Any = None,
     ground_truth: Any = None,
     caption: str | None = None,
+    canvas_size: tuple[int, int] | None = None,
 ):
     """A `wandb.Image` of the undrawn `image` (uint8 (3, H, W)) with the detections (and the
     ground truth) as W&B mask and box overlays (`tensormask.evaluation.visualize.wandb_overlays`):
-    in W&B each layer and each class can be toggled and boxes filtered by score."""
+    in W&B each layer and each class can be toggled and boxes filtered by score. `canvas_size`:
+    the (H, W) of a padded `image` (the masks are padded with background to it)."""
     import wandb
 
     from tensormask.evaluation.visualize import _to_uint8_chw, wandb_overlays
 
     overlays = wandb_overlays(detections, class_names, calibration=calibration, score_threshold=score_threshold,
-                              ground_truth=ground_truth)
+                              ground_truth=ground_truth, canvas_size=canvas_size)
     array = _to_uint8_chw(image).permute(1, 2, 0).numpy()
     return wandb.Image(array, caption=caption, masks=overlays["masks"] or None, boxes=overlays["boxes"])
 
@@ -146,14 +148,34 @@ def log_detection_images(
     step: int | None = None,
 ) -> None:
     """Log pictures to a `WandbLogger` under `key`, each a dict {"image", "detections",
-    optional "ground_truth", "caption"}, as `wandb.Image`s with overlays (`detection_image`)."""
-    images = [
-        detection_image(p["image"], p["detections"], class_names, score_threshold=score_threshold,
-                        ground_truth=p.get("ground_truth"), caption=p.get("caption"))
-        for p in pictures
-    ]
-    if images:
-        logger.log_metrics({key: images}, step=step)
+    optional "ground_truth", "caption"}, as `wandb.Image`s with overlays (`detection_image`).
+
+    W&B shows the images of one key as a grid of one size, so images smaller than the largest
+    are padded (black, at the bottom and right: the overlays' pixel coordinates do not move).
+    """
+    import numpy as np
+
+    from tensormask.evaluation.visualize import _to_uint8_chw
+
+    images = [_to_uint8_chw(p["image"]) for p in pictures]
+    if not images:
+        return
+    h = max(int(im.shape[1]) for im in images)
+    w = max(int(im.shape[2]) for im in images)
+    logged = []
+    for image, p in zip(images, pictures):
+        wandb_image = detection_image(
+            torch_pad(image, h, w), p["detections"], class_names, score_threshold=score_threshold,
+            ground_truth=p.get("ground_truth"), caption=p.get("caption"), canvas_size=(h, w))
+        logged.append(wandb_image)
+    logger.log_metrics({key: logged}, step=step)
+
+
+def torch_pad(image: Any, h: int, w: int) -> Any:
+    """uint8 (3, h0, w0) -> (3, h, w), zero-padded at the bottom and right."""
+    import torch
+
+    return torch.nn.functional.pad(image, (0, w - image.shape[2], 0, h - image.shape[1]))
 
 
 def _percent(value: float) -> float | None:
