@@ -104,4 +104,4 @@ def test_rich_progress_bar_counts_steps(tmp_path, capsys):
     _, objects = train(cfg)
     assert isinstance(objects["trainer"].progress_bar_callback, StepRichProgressBar)
     out = capsys.readouterr().out
-    assert "train (steps)" in out and "3/3" in out
+    assert "train (steps)" in out and "3/3" in out and "train/loss" in out and "v_num" not in out

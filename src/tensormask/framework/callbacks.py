@@ -54,6 +54,12 @@ class StepRichProgressBar(RichProgressBar):
     def _get_train_description(self, current_epoch: int) -> str:
         return "train (steps)"
 
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The logged values, without the logger's version number (`v_num`)."""
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
         if self.progress is not None and self.train_progress_bar_id is not None and trainer.max_steps > 0:
