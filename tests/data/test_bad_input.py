@@ -102,6 +102,17 @@ def test_degenerate_and_outside_boxes(coco_writer):
     assert ds[1]["boxes"][1].tolist() == [25.0, 2.0, 30.0, 12.0]
 
 
+def test_negative_box_is_malformed_not_zero_area(coco_writer):
+    _good(coco_writer).add_ann(304, 1, 5, SQUARE, bbox=[12.0, 2.0, -10.0, 10.0])  # x1 < x0
+    image_dir, ann = coco_writer.write()
+    with pytest.raises(CocoFormatError, match=r"instances\.json: annotation 304: malformed 'bbox' .*negative width"):
+        CocoInstances(image_dir, ann, train=True)
+    coco_writer.data["annotations"][-1]["bbox"] = [2.0, 12.0, 10.0, -0.5]
+    image_dir, ann = coco_writer.write()
+    with pytest.raises(CocoFormatError, match=r"annotation 304: malformed 'bbox' .*negative width or height"):
+        CocoInstances(image_dir, ann, train=False)
+
+
 def test_rle_of_the_wrong_size(coco_writer):
     _good(coco_writer).add_ann(401, 1, 5, compressed_rle(np.ones((10, 10), np.uint8)), bbox=[0.0, 0.0, 10.0, 10.0])
     image_dir, ann = coco_writer.write()

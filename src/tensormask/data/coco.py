@@ -7,12 +7,14 @@ worker processes keep up with the model.
 What is checked, and what happens:
 - malformed JSON, missing top-level keys, duplicate ids: error naming the file (and the record);
 - an annotation whose image id or category id does not exist: error naming file and annotation;
-- an annotation without a usable bbox: error naming file and annotation;
+- an annotation without a usable bbox (not four numbers, or a negative width or height): error
+  naming file and annotation;
 - a polygon with fewer than 3 points (dropped; the annotation too if nothing is left), a box of
   zero area, a box entirely outside its image (dropped), a box partly outside (clipped): a
   warning with the count and the first few annotation ids;
 - a missing image file: error listing the first missing files; a corrupt one, or one whose size
-  disagrees with the JSON: error at load time naming the file and the image id;
+  disagrees with the JSON: error at load time naming the file and the image id; a 16-bit one is
+  scaled to 8 bit (`tensormask.data.images.read_image`);
 - nothing left to load: error (never a silent empty dataset).
 Crowd regions (iscrowd=1) are kept in `coco` for evaluation but are never training targets.
 """
@@ -33,7 +35,8 @@ import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
-from PIL import Image, UnidentifiedImageError
+
+from tensormask.data.images import ImageReadError, read_image
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +243,12 @@ class CocoInstances(torch.utils.data.Dataset):
             if crowd:
                 continue  # honoured by evaluation through `self.coco`, never a training target
             x, y, bw, bh = (float(v) for v in bbox)
-            if bw <= 0 or bh <= 0:
+            if bw < 0 or bh < 0:  # COCO's bbox is [x, y, width, height]: a negative size is no box at all
+                raise CocoFormatError(
+                    f"{path}: annotation {aid}: malformed 'bbox' {bbox!r}: negative width or height "
+                    "(COCO boxes are [x, y, width, height])"
+                )
+            if bw == 0 or bh == 0:
                 skips.add("had a box of zero area (skipped)", aid)
                 continue
             x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + bw, float(w)), min(y + bh, float(h))
@@ -293,15 +301,13 @@ class CocoInstances(torch.utils.data.Dataset):
         info = self._images[index]
         file = self.image_dir / info["file_name"]
         try:
-            with Image.open(file) as pil:
-                array = np.asarray(pil.convert("RGB"))
+            image = read_image(file)  # 16-bit files scaled to 8 bit, not clipped (data/images.py)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"image file missing: {file} (image id {info['id']} in {self.annotation_file})") from e
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except ImageReadError as e:
             raise CocoFormatError(
-                f"cannot decode image {file} (image id {info['id']} in {self.annotation_file}): {e}"
+                f"cannot decode image {file} (image id {info['id']} in {self.annotation_file}): {e.reason}"
             ) from e
-        image = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
         h0, w0 = int(info["height"]), int(info["width"])
         if tuple(image.shape[-2:]) != (h0, w0):
             raise CocoFormatError(

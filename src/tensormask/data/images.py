@@ -1,0 +1,85 @@
+"""Reading an image file into the uint8 RGB tensor every part of the pipeline takes.
+
+One reader for training, evaluation and prediction, so a file loads the same everywhere:
+- 8-bit files (JPEG, PNG, BMP, TIFF, WebP, GIF; grey, palette, RGBA, CMYK) -> RGB;
+- 16-bit files (common for microscopy and depth data; PNG or TIFF, grey or RGB) are scaled
+  linearly from 0..65535 to 0..255 (value / 257, rounded), never clipped to white;
+- anything else (32-bit integer or floating-point pixels, whose range the file does not state)
+  raises an `ImageReadError` naming the file, as does a file that is not a decodable image.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from tensormask.errors import UserError
+
+# the suffixes tensormask-predict looks for in a folder; every one of them loads through `read_image`
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+_16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+class ImageReadError(UserError):
+    """An image file that cannot be read as an 8-bit RGB image; the message names the file and why."""
+
+    def __init__(self, file: str | os.PathLike, reason: str) -> None:
+        super().__init__(f"cannot read image {file}: {reason}")
+        self.file = Path(file)
+        self.reason = reason
+
+
+def _scale_16_bit(array: np.ndarray) -> np.ndarray:
+    """uint16 values 0..65535 -> uint8 0..255, rounded (65535 / 257 = 255 exactly)."""
+    return np.rint(array.astype(np.float32) / 257.0).astype(np.uint8)
+
+
+def _to_rgb_array(pil: Image.Image, file: Path) -> np.ndarray:
+    mode = pil.mode
+    if mode in _16_BIT_MODES:
+        grey = _scale_16_bit(np.asarray(pil).astype(np.uint16))
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode == "I":
+        # 32-bit integers: Pillow opens 16-bit grey PNGs in this mode; values within 0..65535 are
+        # such a file, larger or negative ones have no range we could scale from
+        array = np.asarray(pil)
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise ImageReadError(
+                file, f"32-bit integer pixels ({int(array.min())}..{int(array.max())}) "
+                "outside the 16-bit range; convert it to an 8- or 16-bit image"
+            )
+        grey = _scale_16_bit(array.astype(np.uint16))
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode == "F":
+        raise ImageReadError(
+            file, "floating-point pixels have no fixed range to scale to 8 bit; "
+            "convert it to an 8- or 16-bit image"
+        )
+    return np.asarray(pil.convert("RGB"))
+
+
+def read_image(file: str | os.PathLike) -> torch.Tensor:
+    """The image stored in `file` as a uint8 (3, h, w) RGB tensor (see the module docstring).
+
+    Raises FileNotFoundError for a missing file, `ImageReadError` (naming the file and the cause)
+    for one that is not a readable image.
+    """
+    file = Path(file)
+    try:
+        with Image.open(file) as pil:
+            pil.load()
+            array = _to_rgb_array(pil, file)
+    except FileNotFoundError:
+        raise
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError as e:
+        raise ImageReadError(file, "not an image file Pillow can decode") from e
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageReadError(file, str(e) or type(e).__name__) from e
+    return torch.from_numpy(np.array(array)).permute(2, 0, 1).contiguous()  # a writable copy

@@ -1,0 +1,109 @@
+"""One image reader for training, evaluation and prediction: 16-bit files scaled, not clipped to white."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tensormask.data import CocoFormatError, CocoInstances
+from tensormask.data.images import IMAGE_SUFFIXES, ImageReadError, read_image
+from tensormask.errors import UserError
+
+SQUARE = [[2.0, 2.0, 12.0, 2.0, 12.0, 12.0, 2.0, 12.0]]
+
+
+def write_png_16(path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG, grey (h, w) or RGB (h, w, 3), written byte by byte (Pillow cannot write 16-bit RGB)."""
+    h, w = pixels.shape[:2]
+    colour = 0 if pixels.ndim == 2 else 2
+    rows = pixels.astype(">u2").reshape(h, -1)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+def _ramp16(h=20, w=30):
+    return (np.arange(h * w).reshape(h, w) * (65535 // (h * w - 1))).astype(np.uint16)
+
+
+def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    ramp = _ramp16()
+    write_png_16(tmp_path / "grey16.png", ramp)
+    image = read_image(tmp_path / "grey16.png")
+    assert image.dtype == torch.uint8 and image.shape == (3, 20, 30)
+    expected = torch.from_numpy(np.rint(ramp / 257.0).astype(np.uint8))
+    for c in range(3):
+        assert torch.equal(image[c], expected)
+    assert image.float().mean() < 140  # the ramp's middle, not clipped to white (255)
+    assert int(image.max()) > 250 and int(image.min()) == 0
+
+
+def test_16_bit_rgb_png_is_scaled(tmp_path):
+    ramp = _ramp16()
+    rgb = np.stack([ramp, ramp // 2, 65535 - ramp], axis=-1)
+    write_png_16(tmp_path / "rgb16.png", rgb)
+    image = read_image(tmp_path / "rgb16.png").permute(1, 2, 0).numpy().astype(np.int32)
+    np.testing.assert_allclose(image, rgb / 257.0, atol=1.0)
+
+
+def test_16_bit_tiff_is_scaled(tmp_path):
+    ramp = _ramp16()
+    Image.fromarray(ramp).save(tmp_path / "grey16.tif")
+    image = read_image(tmp_path / "grey16.tif")
+    assert torch.equal(image[0], torch.from_numpy(np.rint(ramp / 257.0).astype(np.uint8)))
+
+
+def test_float_image_and_garbage_are_named_errors(tmp_path):
+    Image.fromarray(np.ones((4, 5), np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(ImageReadError, match=r"cannot read image .*float\.tif: floating-point pixels"):
+        read_image(tmp_path / "float.tif")
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(UserError, match=r"cannot read image .*text\.png: not an image file"):
+        read_image(tmp_path / "text.png")
+    Image.fromarray(np.full((40, 50, 3), 7, np.uint8)).save(tmp_path / "whole.png")
+    (tmp_path / "trunc.png").write_bytes((tmp_path / "whole.png").read_bytes()[:60])
+    with pytest.raises(ImageReadError, match=r"trunc\.png"):
+        read_image(tmp_path / "trunc.png")
+
+
+@pytest.mark.parametrize("suffix", IMAGE_SUFFIXES)
+def test_every_listed_suffix_loads(tmp_path, suffix):
+    pixels = np.zeros((12, 16, 3), np.uint8)
+    pixels[:, :8] = (200, 30, 60)
+    path = tmp_path / f"image{suffix}"
+    Image.fromarray(pixels).save(path, **({"quality": 100} if suffix in (".jpg", ".jpeg", ".webp") else {}))
+    image = read_image(path)
+    assert image.shape == (3, 12, 16)
+    assert abs(int(image[0, 6, 2]) - 200) <= 8 and int(image[0, 6, 12]) <= 8
+
+
+def test_training_and_evaluation_datasets_scale_16_bit_images(coco_writer):
+    coco_writer.add_image(1, 20, 30)
+    coco_writer.add_ann(101, 1, 5, SQUARE, bbox=[2.0, 2.0, 10.0, 10.0])
+    ramp = _ramp16()
+    write_png_16(coco_writer.image_dir / "000001.png", ramp)
+    image_dir, ann = coco_writer.write()
+    expected = torch.from_numpy(np.rint(ramp / 257.0).astype(np.uint8))
+    for train in (True, False):
+        image = CocoInstances(image_dir, ann, train=train)[0]["image"]
+        assert torch.equal(image.as_subclass(torch.Tensor)[1], expected)
+
+
+def test_dataset_names_an_unreadable_16_bit_kind(coco_writer):
+    coco_writer.add_image(1, 4, 5)
+    coco_writer.add_ann(101, 1, 5, SQUARE, bbox=[0.0, 0.0, 3.0, 3.0])
+    Image.fromarray(np.ones((4, 5), np.float32)).save(coco_writer.image_dir / "000001.png".replace(".png", ".tif"))
+    (coco_writer.image_dir / "000001.tif").rename(coco_writer.image_dir / "000001.png")
+    image_dir, ann = coco_writer.write()
+    with pytest.raises(CocoFormatError, match=r"cannot decode image .*000001\.png \(image id 1 in .*\): floating-point"):
+        CocoInstances(image_dir, ann, train=True)[0]
