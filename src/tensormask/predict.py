@@ -6,7 +6,9 @@
 The model is rebuilt from the `config.yaml` saved beside the checkpoint and the images are resized
 and normalised as in the run's evaluation. Writes `<run folder>/pictures/<image name>.png` and
 `<run folder>/predictions.json` (COCO results: image_id = the image's index in sorted order) and
-`<run folder>/images.json` (those ids' file names, and the categories).
+`<run folder>/images.json` (those ids' file names, the categories, and the files skipped as
+unreadable). It runs as `trainer.predict` (the module's `predict_step`) with a `PredictionWriter`
+callback writing the outputs batch by batch.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tensormask import framework  # noqa: F401  (registers the config resolvers)
-from tensormask.framework.builders import build_model, find_run_config, load_model_weights
-from tensormask.framework.checkpoint_io import atomic_write_json
-from tensormask.framework.entry import config_dir
+from tensormask.data.images import IMAGE_SUFFIXES, ImageFiles
+from tensormask.errors import UserError
+from tensormask.framework.builders import build_model, build_module, build_trainer, find_run_config, load_model_weights
+from tensormask.framework.callbacks import PredictionWriter
+from tensormask.framework.entry import config_dir, quiet_known_warnings
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def list_images(path: str | Path) -> list[Path]:
@@ -48,27 +50,26 @@ def list_images(path: str | Path) -> list[Path]:
     raise FileNotFoundError(f"input={path}: no such file or folder")
 
 
-def _load_item(file: Path, index: int) -> dict[str, Any]:
-    from torchvision import tv_tensors
-    from torchvision.io import ImageReadMode, decode_image
+class SkipUnreadable:
+    """Collates the readable items of a batch (`ImageFiles` gives None for the others); None if none is."""
 
-    data = torch.frombuffer(bytearray(file.read_bytes()), dtype=torch.uint8)
-    image = decode_image(data, mode=ImageReadMode.RGB)
-    h, w = image.shape[-2:]
-    return {
-        "image": tv_tensors.Image(image),
-        "boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w)),
-        "masks": tv_tensors.Mask(torch.zeros(0, h, w, dtype=torch.uint8)),
-        "labels": torch.zeros(0, dtype=torch.int64),
-        "image_id": index,
-        "orig_size": (int(h), int(w)),
-    }
+    def __init__(self, collate) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list[dict[str, Any] | None]):
+        items = [it for it in items if it is not None]
+        return self.collate(items) if items else None
 
 
 def predict(cfg: DictConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run the checkpoint on `cfg.input`; returns (COCO result records, objects)."""
+    """Run the checkpoint on `cfg.input` through `trainer.predict`; returns (COCO result records, objects).
+
+    The LightningModule's `predict_step` detects, `framework.callbacks.PredictionWriter` writes the
+    pictures and JSON files; unreadable images are skipped with a warning naming each one.
+    """
+    from torch.utils.data import DataLoader
+
     from tensormask.data import Collator, build_transforms
-    from tensormask.evaluation import detections_to_coco_results, draw_detections
     from tensormask.framework.datamodule import _transform_kwargs
 
     ckpt = Path(str(cfg.ckpt_path))
@@ -77,6 +78,7 @@ def predict(cfg: DictConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     run_config = find_run_config(ckpt)
     if run_config is None:
         raise FileNotFoundError(f"no config.yaml beside {ckpt}: cannot rebuild the model of this checkpoint")
+    quiet_known_warnings()
     run_cfg = OmegaConf.load(run_config)
     model = build_model(run_cfg)
     load_model_weights(model, ckpt)
@@ -85,42 +87,35 @@ def predict(cfg: DictConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     num_classes = int(run_cfg.data.num_classes)
     contiguous_to_coco = classes.get("contiguous_to_coco", list(range(1, num_classes + 1)))
     class_names = classes.get("class_names", [str(c) for c in contiguous_to_coco])
+    # the module of the run (channels-last, compile) without its evaluator: nothing is evaluated here
+    module = build_module(run_cfg, model)
+    module.evaluator_factory = None
 
-    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
-    device = torch.device("cuda" if accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
     transforms = build_transforms(False, **_transform_kwargs(OmegaConf.to_container(run_cfg.data.test_transforms)))
     collate = Collator(int(getattr(model, "size_divisibility", 32)), list(model.pixel_mean), list(model.pixel_std),
                        str(getattr(model, "input_format", "RGB")).upper() == "BGR")
+    files = list_images(cfg.input)
+    dataset = ImageFiles(files, transforms)
+    loader = DataLoader(dataset, batch_size=int(cfg.get("batch_size", 1)), shuffle=False,
+                        collate_fn=SkipUnreadable(collate))
 
     out_dir = Path(cfg.paths.output_dir)
-    pictures = out_dir / "pictures"
-    pictures.mkdir(parents=True, exist_ok=True)
-    files = list_images(cfg.input)
-    results: list[dict[str, Any]] = []
-    batch_size = int(cfg.get("batch_size", 1))
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        items = [_load_item(f, start + i) for i, f in enumerate(chunk)]
-        originals = [it["image"].as_subclass(torch.Tensor).clone() for it in items]
-        batch = collate([transforms(it) for it in items]).to(device)
-        with torch.no_grad():
-            detections = model.predict(model(batch.images), batch.image_sizes, batch.orig_sizes)
-        for file, image, image_id, det in zip(chunk, originals, batch.image_ids, detections):
-            det = det.to("cpu")
-            results += detections_to_coco_results(image_id, det, contiguous_to_coco)
-            draw_detections(image, det, class_names, score_threshold=float(cfg.draw_score_threshold),
-                            path=pictures / f"{file.stem}.png")
-            log.info("%s: %d detections >= %.2f", file.name, int((det.scores >= cfg.draw_score_threshold).sum()),
-                     cfg.draw_score_threshold)
-    atomic_write_json(out_dir / "predictions.json", results)
-    atomic_write_json(out_dir / "images.json", {
-        "images": [{"id": i, "file_name": str(f)} for i, f in enumerate(files)],
-        "categories": [{"id": c, "name": n} for c, n in zip(contiguous_to_coco, class_names)],
-    })
-    print(f"tensormask-predict: {len(files)} image(s), {len(results)} detections\n"
-          f"  pictures:    {pictures}\n  predictions: {out_dir / 'predictions.json'}", flush=True)
-    return results, {"model": model, "files": files, "output_dir": out_dir}
+    writer = PredictionWriter(out_dir, dataset, contiguous_to_coco, class_names, float(cfg.draw_score_threshold))
+    trainer = build_trainer(cfg, callbacks=[writer], loggers=False)
+    trainer.predict(module, dataloaders=loader, return_predictions=False)
+
+    results = writer.results
+    lines = [f"tensormask-predict: {len(files) - len(writer.skipped)} image(s), {len(results)} detections",
+             f"  pictures:    {writer.pictures}", f"  predictions: {out_dir / 'predictions.json'}"]
+    if writer.skipped:
+        lines.append(f"  skipped {len(writer.skipped)} unreadable file(s):")
+        lines += [f"    {s['error']}" for s in writer.skipped]
+    print("\n".join(lines), flush=True)
+    if len(writer.skipped) == len(files):
+        raise UserError(f"input={cfg.input}: none of the {len(files)} image file(s) could be read "
+                        f"(first: {writer.skipped[0]['error']})")
+    return results, {"model": model, "module": module, "trainer": trainer, "files": files,
+                     "skipped": writer.skipped, "output_dir": out_dir}
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")

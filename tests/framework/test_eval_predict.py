@@ -66,3 +66,64 @@ def test_predict_writes_pictures_and_coco_results(trained_run, tmp_path):
     index = json.loads((tmp_path / "out" / "images.json").read_text())
     assert [i["file_name"].split("/")[-1] for i in index["images"]] == ["a.png", "b.png"]
     assert [c["name"] for c in index["categories"]] == dataset.class_names
+
+
+def test_predict_skips_and_names_unreadable_files_and_reads_every_suffix(trained_run, tmp_path, capsys, caplog):
+    run_dir, _, objects = trained_run
+    array = objects["datamodule"].val_dataset.load_image(0).permute(1, 2, 0).numpy()
+    images = tmp_path / "images"
+    images.mkdir()
+    for suffix in (".bmp", ".tif", ".png", ".jpg"):
+        Image.fromarray(array).save(images / f"good_{suffix[1:]}{suffix}")
+    (images / "notes.png").write_text("a text file named .png")
+    (images / "empty.jpg").write_bytes(b"")
+    cfg = compose_config("predict", [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"input={images}",
+                                     "draw_score_threshold=0.0", "batch_size=2"], tmp_path / "out")
+    results, objects = predict(cfg)
+    pictures = sorted(p.name for p in (tmp_path / "out" / "pictures").iterdir())
+    assert pictures == ["good_bmp.png", "good_jpg.png", "good_png.png", "good_tif.png"]
+    for name in pictures:
+        with Image.open(tmp_path / "out" / "pictures" / name) as picture:
+            assert picture.size == (array.shape[1], array.shape[0])
+    index = json.loads((tmp_path / "out" / "images.json").read_text())
+    skipped = {s["file_name"].split("/")[-1]: s["error"] for s in index["skipped"]}
+    assert skipped.keys() == {"notes.png", "empty.jpg"}
+    assert "notes.png" in skipped["notes.png"] and "empty.jpg" in skipped["empty.jpg"]
+    names = [i["file_name"].split("/")[-1] for i in index["images"]]
+    assert {names[r["image_id"]] for r in results} <= {"good_bmp.bmp", "good_tif.tif", "good_png.png", "good_jpg.jpg"}
+    out = capsys.readouterr().out
+    assert "4 image(s)" in out and "skipped 2 unreadable" in out and "notes.png" in out and "empty.jpg" in out
+    assert any("notes.png" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    # the run went through Lightning's predict loop and the module's predict_step
+    assert objects["trainer"].predicting is False and objects["trainer"].state.fn == "predict"
+
+
+def test_predict_all_unreadable_is_a_named_error(trained_run, tmp_path):
+    from tensormask.errors import UserError
+
+    run_dir, _, _ = trained_run
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_text("text")
+    cfg = compose_config("predict", [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"input={images}"],
+                         tmp_path / "out")
+    with pytest.raises(UserError, match=r"none of the 1 image file\(s\) could be read .*a\.png"):
+        predict(cfg)
+
+
+def test_lightning_moves_a_batch_record_to_the_device():
+    """No hand-written transfer_batch_to_device: Lightning's collection handling moves `Batch` dataclasses."""
+    import torch
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    from tensormask.framework.lit_module import DetectionLitModule
+    from tensormask.structures import Batch
+
+    assert "transfer_batch_to_device" not in DetectionLitModule.__dict__
+    batch = Batch(images=torch.zeros(1, 3, 8, 8), image_sizes=[(8, 8)], orig_sizes=[(16, 16)], image_ids=[7],
+                  targets=[{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}])
+    moved = move_data_to_device(batch, torch.device("meta"))
+    assert isinstance(moved, Batch) and moved.images.device.type == "meta"
+    assert moved.targets[0]["boxes"].device.type == "meta" and moved.targets[0]["labels"].device.type == "meta"
+    assert moved.image_sizes == [(8, 8)] and moved.orig_sizes == [(16, 16)] and moved.image_ids == [7]
+    assert batch.images.device.type == "cpu"

@@ -10,6 +10,7 @@ One reader for training, evaluation and prediction, so a file loads the same eve
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from tensormask.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # the suffixes tensormask-predict looks for in a folder; every one of them loads through `read_image`
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -83,3 +86,50 @@ def read_image(file: str | os.PathLike) -> torch.Tensor:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageReadError(file, str(e) or type(e).__name__) from e
     return torch.from_numpy(np.array(array)).permute(2, 0, 1).contiguous()  # a writable copy
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files as unannotated dataset items (what `CocoInstances` yields, without objects).
+
+    Item `i` is the file `files[i]` read by `read_image`, with `image_id = i`, passed through
+    `transforms`; a file that cannot be read gives None (the `Collator` of tensormask-predict drops
+    it) and a warning naming the file and the cause, so one bad file does not end a whole run.
+    """
+
+    def __init__(self, files: list[str | os.PathLike], transforms=None) -> None:
+        self.files = [Path(f) for f in files]
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, index: int) -> torch.Tensor:
+        """The stored image, uint8 (3, h0, w0) RGB; raises `ImageReadError` / FileNotFoundError."""
+        return read_image(self.files[index])
+
+    def read_error(self, index: int) -> str | None:
+        """Why file `index` cannot be read (None if it can)."""
+        try:
+            self.read(index)
+        except (ImageReadError, FileNotFoundError) as e:
+            return str(e)
+        return None
+
+    def __getitem__(self, index: int) -> dict | None:
+        from torchvision import tv_tensors
+
+        try:
+            image = self.read(index)
+        except (ImageReadError, FileNotFoundError) as e:
+            log.warning("skipping %s", e)
+            return None
+        h, w = image.shape[-2:]
+        item = {
+            "image": tv_tensors.Image(image),
+            "boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w)),
+            "masks": tv_tensors.Mask(torch.zeros(0, h, w, dtype=torch.uint8)),
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "image_id": index,
+            "orig_size": (int(h), int(w)),
+        }
+        return self.transforms(item) if self.transforms is not None else item

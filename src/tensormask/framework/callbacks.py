@@ -1,23 +1,28 @@
 """Callbacks: step-counting progress bars (tqdm, rich), early stopping on the step-counted
-validations, validation pictures and the final evaluation report for the dashboards.
+validations, validation pictures and the final evaluation report for the dashboards, and the
+writer of tensormask-predict's outputs.
 
 Each has a config under `conf/callbacks/` (see docs/framework.md, "Callbacks"); the EMA of the
 weights and the learning-rate monitor are Lightning's own (`EMAWeightAveraging`,
-`LearningRateMonitor`) and need no code here.
+`LearningRateMonitor`) and need no code here. `PredictionWriter` is built by tensormask-predict.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, EarlyStopping, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from tensormask.framework.validation import ConfigError
 from tensormask.structures import Detections
+
+log = logging.getLogger(__name__)
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -292,3 +297,60 @@ class EvaluationReport(L.Callback):
         for logger in loggers:
             logger.log_metrics(report, step=trainer.global_step)
         self.logged = sorted(report)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes what `trainer.predict` yields for tensormask-predict (docs/framework.md):
+    `<output_dir>/pictures/<image name>.png` (the image with the detections scoring at least
+    `draw_score_threshold`), and at the end `<output_dir>/predictions.json` (COCO results, all
+    scores; image_id = the file's index in `dataset.files`) and `<output_dir>/images.json` (those
+    ids' file names, the categories, and the files that could not be read, with the reason).
+
+    `dataset` is the `tensormask.data.images.ImageFiles` being predicted: the pictures are drawn on
+    its stored images, and the images it could not read are the ones no batch carried.
+    """
+
+    def __init__(self, output_dir: str | Path, dataset, contiguous_to_coco: list[int], class_names: list[str],
+                 draw_score_threshold: float = 0.5) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.pictures = self.output_dir / "pictures"
+        self.dataset = dataset
+        self.contiguous_to_coco = list(contiguous_to_coco)
+        self.class_names = list(class_names)
+        self.draw_score_threshold = float(draw_score_threshold)
+        self.results: list[dict[str, Any]] = []
+        self.written: set[int] = set()
+        self.skipped: list[dict[str, str]] = []
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.results, self.written, self.skipped = [], set(), []
+        self.pictures.mkdir(parents=True, exist_ok=True)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx) -> None:
+        if batch is None:  # every image of the batch was unreadable
+            return
+        from tensormask.evaluation import detections_to_coco_results, draw_detections
+
+        for image_id, det in zip(batch.image_ids, prediction):
+            file = self.dataset.files[image_id]
+            self.results += detections_to_coco_results(image_id, det, self.contiguous_to_coco)
+            draw_detections(self.dataset.read(image_id), det, self.class_names,
+                            score_threshold=self.draw_score_threshold, path=self.pictures / f"{file.stem}.png")
+            self.written.add(int(image_id))
+            log.info("%s: %d detections >= %.2f", file.name, int((det.scores >= self.draw_score_threshold).sum()),
+                     self.draw_score_threshold)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        from tensormask.framework.checkpoint_io import atomic_write_json
+
+        files = self.dataset.files
+        self.skipped = [{"file_name": str(files[i]), "error": self.dataset.read_error(i) or "not read"}
+                        for i in range(len(files)) if i not in self.written]
+        atomic_write_json(self.output_dir / "predictions.json", self.results)
+        atomic_write_json(self.output_dir / "images.json", {
+            "images": [{"id": i, "file_name": str(f)} for i, f in enumerate(files)],
+            "categories": [{"id": c, "name": n} for c, n in zip(self.contiguous_to_coco, self.class_names)],
+            "skipped": self.skipped,
+        })

@@ -44,7 +44,5 @@ def quiet_known_warnings() -> None:
 
     # the run's config.yaml is written into the checkpoint folder before the first checkpoint
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    # the module's transfer_batch_to_device moving `Batch` records is intended
-    warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device`")
     # raised inside Lightning for torch >= 2.10, nothing to act on here
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")

@@ -38,6 +38,10 @@ class DetectionLitModule(L.LightningModule):
         compile: run the model through `torch.compile`.
         channels_last: keep the weights and the input images in the channels-last memory format
             (NHWC), which oneDNN's CPU convolutions run faster (quickstart: ~10% per training step).
+
+    A `Batch` (a dataclass) reaches the device through Lightning's own collection handling, which
+    moves the tensors of dataclass fields; tensormask-predict runs `predict_step` through
+    `trainer.predict`.
     """
 
     def __init__(
@@ -75,7 +79,7 @@ class DetectionLitModule(L.LightningModule):
 
     # -- set-up --------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        if self.evaluator_factory is not None and self.evaluator is None:
+        if self.evaluator_factory is not None and self.evaluator is None and stage != "predict":
             dm = self.trainer.datamodule
             dataset = dm.val_dataset
             self.evaluator = self.evaluator_factory(dataset.coco, dataset.contiguous_to_coco)
@@ -105,11 +109,6 @@ class DetectionLitModule(L.LightningModule):
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        if isinstance(batch, Batch):
-            return batch.to(device)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _images(self, batch: Batch) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -163,5 +162,9 @@ class DetectionLitModule(L.LightningModule):
     test_step = validation_step
     on_test_epoch_end = on_validation_epoch_end
 
-    def predict_step(self, batch: Batch, batch_idx: int) -> list[Detections]:
+    def predict_step(self, batch: Batch | None, batch_idx: int) -> list[Detections]:
+        """The detections of a batch, on the CPU (tensormask-predict; None: a batch whose images
+        were all unreadable and skipped)."""
+        if batch is None:
+            return []
         return [d.to("cpu") for d in self.detect(batch)]
