@@ -11,45 +11,46 @@ times and the table reports the medians over rounds, of the times and of the per
     .venv/bin/python bench/bench_ops.py                    # CPU, the default shapes
     .venv/bin/python bench/bench_ops.py --threads 1 --clock cpu   # CPU time, robust on a shared machine
     .venv/bin/python bench/bench_ops.py --device cuda      # the CUDA kernels against their copy floor
+
+A second table times the op as a user's process calls it: one bipyramid level of an 800x1216 image
+(x (1, 225, 200, 304), lambda 2, 2 threads, fresh outputs each call through autograd), each in a fresh
+child process that only imports the package, once with the package's malloc settings
+(src/tensormask/allocator.py) and once with glibc's defaults (TENSORMASK_MALLOC=0), alternating.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
-
-import tensormask.ops as ops
-from tensormask.ops import backend
-from tensormask.ops.geometry import swap_geometry
-from tensormask.ops.reference import align2nat_reference
 
 # (N, S, H, W, lambda): the P2-resolution bipyramid features of an ~384 px image, 15x15 and 11x11
 # windows at levels 1 and 2.
 DEFAULT_SHAPES = ["2,15,96,96,2", "2,11,96,96,2", "2,15,96,96,4", "2,15,48,48,1"]
 
 
-def steady_malloc() -> str:
-    """Keep glibc from returning the freed 16 MB result blocks to the system between calls.
+DEFAULT_PROCESS_SHAPE = "1,15,200,304,2"  # one bipyramid level of an 800x1216 image (P2: 200x304)
 
-    By default glibc trims the top of its heap once the free space there passes a threshold that it
-    adapts to the block sizes it has seen; depending on the process's allocation history, a run can
-    land in a state where every call's results are faulted in afresh (thousands of page faults per
-    call, the same kernel 2-4x slower: see docs/ops.md). A long-running training process settles in a
-    steady heap; fixed thresholds put the benchmark there from the start. The copy floor writes into
-    preallocated tensors and is not affected."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is None or not hasattr(libc, "mallopt"):
-        return "allocator defaults (no glibc mallopt)"
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    if not (libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)):
-        return "allocator defaults (mallopt failed)"
-    return "glibc malloc: mmap threshold 32 MiB (its maximum), trim threshold 1 GiB"
+
+def _load_package(malloc_defaults: bool):
+    """Import tensormask (which sets its malloc thresholds at import unless TENSORMASK_MALLOC=0)."""
+    global ops, backend, swap_geometry, align2nat_reference
+    if malloc_defaults:
+        os.environ["TENSORMASK_MALLOC"] = "0"
+    import tensormask.ops as ops
+    from tensormask.ops import backend
+    from tensormask.ops.geometry import swap_geometry
+    from tensormask.ops.reference import align2nat_reference
+    from tensormask import allocator
+
+    return allocator.state
 
 
 def _timer(device: torch.device, clock: str):
@@ -138,9 +139,18 @@ def main() -> None:
         help="CPU timing: wall clock, or process CPU time (with --threads 1: robust to a shared machine)",
     )
     parser.add_argument("--malloc-defaults", action="store_true",
-                        help="keep glibc's adaptive heap trimming (see steady_malloc)")
+                        help="keep glibc's malloc defaults (TENSORMASK_MALLOC=0, see src/tensormask/allocator.py)")
+    parser.add_argument("--default-process-shape", default=DEFAULT_PROCESS_SHAPE, metavar="N,S,H,W,lambda",
+                        help="shape of the second table (the op in a plain process, with / without the package's "
+                             "malloc settings)")
+    parser.add_argument("--default-process-threads", type=int, default=2)
+    parser.add_argument("--skip-default-process", action="store_true", help="only the first table")
+    parser.add_argument("--default-process-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    allocator = "allocator defaults (--malloc-defaults)" if args.malloc_defaults else steady_malloc()
+    if args.default_process_child:
+        print(json.dumps(default_process_child(args)))
+        return
+    allocator = _load_package(args.malloc_defaults)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -175,6 +185,69 @@ def main() -> None:
         out_shape = (n, (lam * s) ** 2, -(-h // lam), -(-w // lam))
         cells = (f"({n}, {s * s}, {h}, {w})", str(lam), str(out_shape), ms("ext_fwd"), ms("ext_bwd"), ms("ext_both"),
                  ms("copy"), ms("ref_fwd"), ms("ref_bwd"), ms("ref_both"), f"{ratio_copy:.2f}x", ratio_ref)
+        print("| " + " | ".join(cells) + " |", flush=True)
+    if not args.skip_default_process and device.type == "cpu":
+        default_process_table(args)
+
+
+def default_process_child(args) -> dict:
+    """In this fresh process (the package imported as a user imports it): fwd+bwd through autograd with fresh
+    outputs each call, the copy floor, and the page faults per fwd+bwd call."""
+    allocator = _load_package(malloc_defaults=False)  # TENSORMASK_MALLOC comes from the parent
+    torch.set_num_threads(args.default_process_threads)
+    n, s, h, w, lam = (int(t) for t in args.default_process_shape.split(","))
+    measure = _timer(torch.device("cpu"), args.clock)
+    x = torch.randn(n, s * s, h, w).requires_grad_()
+    out = ops.swap_align2nat(x, lam).detach()
+    grad_out = torch.randn_like(out)
+    x_copy, out_copy = torch.empty_like(x), torch.empty_like(out)
+
+    def both():
+        x.grad = None
+        ops.swap_align2nat(x, lam).backward(grad_out)
+
+    def copy_floor():
+        x_copy.copy_(x.detach())
+        out_copy.copy_(out)
+
+    both()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t_both = measure(both, args.repeats)  # (one warm-up call + the repeats)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (args.repeats + 1)
+    return {"allocator": allocator, "both": t_both, "copy": measure(copy_floor, args.repeats), "faults": faults}
+
+
+def default_process_table(args) -> None:
+    n, s, h, w, lam = (int(t) for t in args.default_process_shape.split(","))
+    out_shape = (n, (lam * s) ** 2, -(-h // lam), -(-w // lam))
+    cmd = [sys.executable, os.path.abspath(__file__), "--default-process-child", "--default-process-shape",
+           args.default_process_shape, "--default-process-threads", str(args.default_process_threads),
+           "--repeats", str(args.repeats), "--clock", args.clock]
+    base_env = {k: v for k, v in os.environ.items() if k != "TENSORMASK_MALLOC"}
+    settings = {"package malloc settings": base_env, "glibc defaults (TENSORMASK_MALLOC=0)":
+                dict(base_env, TENSORMASK_MALLOC="0")}
+    results: dict[str, list[dict]] = {name: [] for name in settings}
+    for _ in range(args.rounds):  # the two settings alternate, a fresh process each time
+        for name, env in settings.items():
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise SystemExit(f"default-process child failed:\n{done.stderr[-3000:]}")
+            results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print()
+    print(f"# the op as a plain process calls it: x ({n}, {s * s}, {h}, {w}), lambda {lam}, "
+          f"{args.default_process_threads} threads, fresh outputs each call (fwd+bwd through autograd); "
+          f"a fresh process per cell, the two settings alternating; median over {args.rounds} rounds of the "
+          f"fastest of {args.repeats} repeats; ms, {args.clock} clock")
+    header = ("allocator", "x shape", "lambda", "out shape", "threads", "ext fwd+bwd", "copy floor",
+              "fwd+bwd / copy", "page faults per fwd+bwd")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for rounds in results.values():
+        cells = (rounds[0]["allocator"], f"({n}, {s * s}, {h}, {w})", str(lam), str(out_shape),
+                 str(args.default_process_threads), f"{statistics.median(r['both'] for r in rounds) * 1e3:.2f}",
+                 f"{statistics.median(r['copy'] for r in rounds) * 1e3:.2f}",
+                 f"{statistics.median(r['both'] / max(r['copy'], 1e-9) for r in rounds):.2f}x",
+                 f"{statistics.median(r['faults'] for r in rounds):.0f}")
         print("| " + " | ".join(cells) + " |", flush=True)
 
 

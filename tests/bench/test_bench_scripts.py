@@ -18,14 +18,14 @@ def _run(script, *args, timeout=600):
     return done.stdout
 
 
-def _table_rows(out):
+def _table_rows(out, first_cell="("):
     return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in out.splitlines()
-            if line.startswith("| (")]
+            if line.startswith("| " + first_cell)]
 
 
 def test_bench_ops_prints_a_row_per_shape_with_both_ratios():
     out = _run("bench_ops.py", "--shapes", "1,3,8,8,2", "1,3,9,7,1", "--rounds", "2", "--repeats", "2",
-               "--threads", "1", "--clock", "cpu")
+               "--threads", "1", "--clock", "cpu", "--skip-default-process")
     rows = _table_rows(out)
     assert [row[:3] for row in rows] == [["(1, 9, 8, 8)", "2", "(1, 36, 4, 4)"], ["(1, 9, 9, 7)", "1", "(1, 9, 9, 7)"]]
     for row in rows:
@@ -35,15 +35,24 @@ def test_bench_ops_prints_a_row_per_shape_with_both_ratios():
         copy_ratio, ref_ratio = re.fullmatch(r"([\d.]+)x", row[10]), re.fullmatch(r"(\d+)x", row[11])
         assert copy_ratio and ref_ratio and float(copy_ratio.group(1)) > 0
     if ctypes.util.find_library("c"):
-        assert "glibc malloc: mmap threshold 32 MiB" in out.splitlines()[0]
+        assert "glibc malloc: mmap threshold 1 GiB, no heap trimming" in out.splitlines()[0]
+    assert "plain process" not in out
 
 
-def test_bench_ops_keeps_the_allocator_defaults_when_asked():
+def test_bench_ops_keeps_the_allocator_defaults_when_asked_and_compares_both_in_plain_processes():
     out = _run("bench_ops.py", "--shapes", "1,3,8,8,2", "--rounds", "1", "--repeats", "1", "--skip-reference",
-               "--malloc-defaults", "--threads", "1")
-    assert "allocator defaults (--malloc-defaults)" in out.splitlines()[0]
-    (row,) = _table_rows(out)
-    assert row[7:10] == ["-", "-", "-"] and row[11] == "-"
+               "--malloc-defaults", "--threads", "1", "--default-process-shape", "1,4,12,10,2")
+    assert "glibc malloc defaults (TENSORMASK_MALLOC=0)" in out.splitlines()[0]
+    (first,) = _table_rows(out)
+    plain = _table_rows(out, "glibc")
+    assert first[7:10] == ["-", "-", "-"] and first[11] == "-"
+    # the second table: one row per allocator setting, each measured in a fresh plain process
+    assert [row[0] for row in plain] == ["glibc malloc: mmap threshold 1 GiB, no heap trimming",
+                                         "glibc malloc defaults (TENSORMASK_MALLOC=0)"]
+    for row in plain:
+        assert row[1:5] == ["(1, 16, 12, 10)", "2", "(1, 64, 6, 5)", "2"]
+        both, copy, faults = float(row[5]), float(row[6]), float(row[8])
+        assert both > 0 and copy >= 0 and faults >= 0 and re.fullmatch(r"[\d.]+x", row[7])
 
 
 @pytest.mark.slow
