@@ -31,9 +31,12 @@ from omegaconf import DictConfig, OmegaConf
 from tensormask import framework  # noqa: F401  (registers the config resolvers)
 from tensormask.data.images import IMAGE_SUFFIXES, ImageFiles
 from tensormask.errors import UserError
-from tensormask.framework.builders import build_model, build_module, build_trainer, find_run_config, load_model_weights
-from tensormask.framework.callbacks import PredictionWriter
+from tensormask.framework.builders import (
+    build_model, build_module, build_trainer, find_run_config, instantiate_list, load_model_weights,
+)
+from tensormask.framework.callbacks import PredictionImages, PredictionWriter
 from tensormask.framework.entry import config_dir, quiet_known_warnings
+from tensormask.framework.loggers import finish_wandb
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +104,18 @@ def predict(cfg: DictConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
     out_dir = Path(cfg.paths.output_dir)
     writer = PredictionWriter(out_dir, dataset, contiguous_to_coco, class_names, float(cfg.draw_score_threshold))
-    trainer = build_trainer(cfg, callbacks=[writer], loggers=False)
-    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    # logger=wandb: the first `wandb_images` pictures also go to W&B, with mask and box overlays
+    loggers = instantiate_list(cfg.get("logger"))
+    callbacks = [writer]
+    if loggers:
+        callbacks.append(PredictionImages(int(cfg.get("wandb_images", 16)), float(cfg.draw_score_threshold),
+                                          image_reader=dataset.read, names=lambda i: dataset.files[i].name,
+                                          class_names=class_names))
+    trainer = build_trainer(cfg, callbacks=callbacks, loggers=loggers or False)
+    try:
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+    finally:
+        finish_wandb(loggers)
 
     results = writer.results
     lines = [f"tensormask-predict: {len(files) - len(writer.skipped)} image(s), {len(results)} detections",

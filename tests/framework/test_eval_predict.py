@@ -127,3 +127,50 @@ def test_lightning_moves_a_batch_record_to_the_device():
     assert moved.targets[0]["boxes"].device.type == "meta" and moved.targets[0]["labels"].device.type == "meta"
     assert moved.image_sizes == [(8, 8)] and moved.orig_sizes == [(16, 16)] and moved.image_ids == [7]
     assert batch.images.device.type == "cpu"
+
+
+def test_predict_sends_pictures_with_overlays_to_wandb(trained_run, tmp_path, monkeypatch):
+    """`tensormask-predict logger=wandb`: the pictures go to an offline W&B run as images with the
+    detections as mask and box overlays, captioned with their file names."""
+    import numpy as np
+
+    from wandb_records import wait_for
+
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))
+    run_dir, _, objects = trained_run
+    # the checkpoint with every candidate kept (score threshold 0, at most 5): the 3-step model
+    # scores below the default 0.05
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    shutil.copy(run_dir / "checkpoints" / "last.ckpt", ckpt_dir / "last.ckpt")
+    run_cfg = OmegaConf.load(run_dir / "checkpoints" / "config.yaml")
+    run_cfg.model.score_threshold, run_cfg.model.max_detections = 0.0, 5
+    OmegaConf.save(run_cfg, ckpt_dir / "config.yaml")
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, index in (("a", 0), ("b", 1)):
+        Image.fromarray(objects["datamodule"].val_dataset.load_image(index).permute(1, 2, 0).numpy()).save(
+            images / f"{name}.png")
+    cfg = compose_config("predict", [f"ckpt_path={ckpt_dir / 'last.ckpt'}", f"input={images}",
+                                     "draw_score_threshold=0.0", "logger=wandb", "logger.wandb.mode=offline"],
+                         tmp_path / "out")
+    results, _ = predict(cfg)
+    assert {r["image_id"] for r in results} == {0, 1}
+    (folder,) = (tmp_path / "out" / "wandb").glob("offline-run-*")
+    run = wait_for(folder, ("predict/predictions/captions", "predict/predictions/all_boxes"))
+    assert run.last("predict/predictions/captions") == ["a.png", "b.png"]
+    for image_id, (file, masks, boxes) in enumerate(zip(run.last("predict/predictions/filenames"),
+                                                        run.last("predict/predictions/all_masks"),
+                                                        run.last("predict/predictions/all_boxes"))):
+        with Image.open(images / f"{'ab'[image_id]}.png") as original:
+            w, h = original.size
+            np.testing.assert_array_equal(np.asarray(Image.open(run.file(file)).convert("RGB"))[:h, :w],
+                                          np.asarray(original.convert("RGB")))
+        mine = [r for r in results if r["image_id"] == image_id]
+        box_data = run.json_file(boxes["predictions"]["path"])["box_data"]
+        assert sorted(b["scores"]["score"] for b in box_data) == pytest.approx(sorted(r["score"] for r in mine))
+        assert np.asarray(Image.open(run.file(masks["predictions"]["path"]))).any()

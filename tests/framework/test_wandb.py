@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from tensormask.evaluation.coco_eval import METRIC_NAMES
 from tensormask.framework.callbacks import ValidationImages
 from tensormask.framework.loggers import wandb_mode
 from tensormask.train import train
-from wandb_records import OfflineRun
+from wandb_records import OfflineRun, wait_for
 
 
 def test_wandb_mode(monkeypatch):
@@ -60,11 +59,7 @@ def test_offline_run_has_the_expected_keys(tmp_path, monkeypatch):
     # wandb.finish() returns on a loaded machine: wait (bounded) for the last records to land
     expected = ("train/loss", "val/predictions/all_masks", "val/coco_ap/path", "val/per_category_ap/path",
                 "val/pr_curve_segm_table/path", "val/pr_curves_segm/path")
-    deadline = time.monotonic() + 60
-    run = OfflineRun(offline)
-    while not all(k in run.history for k in expected) and time.monotonic() < deadline:
-        time.sleep(0.5)
-        run = OfflineRun(offline)
+    run = wait_for(offline, expected)
     records = log.read_bytes()
 
     for key in ("train/loss", "train/loss_cls", "train/loss_box", "train/loss_mask", "lr", "val/segm_AP",
@@ -195,12 +190,7 @@ def test_prediction_pictures_go_to_wandb_with_overlays(tmp_path, monkeypatch):
     finish_wandb([logger])
 
     (folder,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # wandb-core may still be flushing its log
-        run = OfflineRun(folder)
-        if "predict/predictions/all_masks" in run.history and "predict/from_input/filenames" in run.history:
-            break
-        time.sleep(0.5)
+    run = wait_for(folder, ("predict/predictions/all_masks", "predict/from_input/filenames"))
     assert run.last("predict/predictions/count") == 3
     assert run.last("predict/predictions/captions") == [f"file{p['image_id']}.png" for p in stored._pictures]
     for picture, file, masks, boxes in zip(stored._pictures, run.last("predict/predictions/filenames"),

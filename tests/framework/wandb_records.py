@@ -79,3 +79,16 @@ class OfflineRun:
 
     def json_file(self, relative: str) -> Any:
         return json.loads(self.file(relative).read_text())
+
+
+def wait_for(folder: Path, keys: tuple[str, ...], timeout: float = 60.0) -> OfflineRun:
+    """The offline run once its history holds `keys`: wandb-core writes the log from its own process
+    and may still be flushing after `wandb.finish()` returns on a loaded machine (bounded wait)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    run = OfflineRun(folder)
+    while not all(k in run.history for k in keys) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        run = OfflineRun(folder)
+    return run
