@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tensormask.tables import collect_table, load_table, markdown, write_csv, write_markdown
+from tensormask.tables.collect import collect_seeds, compare
 from tensormask.tables.collect import SUMMARY_FILE
 
 
@@ -85,7 +86,7 @@ def test_markdown_and_csv_show_every_row_with_its_reason(tmp_path, table5):
 
     md_path = write_markdown(tmp_path / "results" / "table5.md", table5, results, "mini", sweep_dir=runs)
     md = md_path.read_text()
-    table_lines = [line for line in md.splitlines() if line.startswith("| ")]
+    table_lines = [line for line in md.split("## The paper's comparisons")[0].splitlines() if line.startswith("| ")]
     assert len(table_lines) == 1 + len(table5.rows)  # header + one line per paper row
     assert "| APbb ours | APbb paper |" in table_lines[0] and "| AP ours | AP paper |" in table_lines[0]
     row1, row2, row3 = table_lines[1:]
@@ -93,7 +94,8 @@ def test_markdown_and_csv_show_every_row_with_its_reason(tmp_path, table5):
     assert "failed: ValueError: a \\| pipe and a second line" in row2 and "| - | 34.9 |" in row2
     assert "missing" in row3 and "| - | 34.8 |" in row3
     assert "1 finished, 1 failed, 1 missing" in md
-    assert [l for l in markdown(table5, results, "mini", runs).splitlines() if l.startswith("| ")] == table_lines
+    assert [l for l in markdown(table5, results, "mini", runs).split("## The paper's comparisons")[0].splitlines()
+            if l.startswith("| ")] == table_lines
 
     csv_path = write_csv(tmp_path / "results" / "table5.csv", table5, results, "mini")
     with csv_path.open() as f:
@@ -117,3 +119,62 @@ def test_wandb_table_has_the_csv_columns(tmp_path, table5):
     assert len(table.data) == len(table5.rows)
     assert table.data[0][table.columns.index("segm.AP ours")] == pytest.approx(12.3)
     assert table.data[1][table.columns.index("segm.AP ours")] is None
+
+
+def seeded(tmp_path: Path, row: str, aps: list[float | None]) -> dict[int, Path]:
+    """One folder per seed with the given mask AP (fraction); None: the seed failed."""
+    folders = {}
+    for seed, ap in enumerate(aps):
+        folder = tmp_path / f"{row}-seed{seed}"
+        if ap is None:
+            write_summary(folder, "failed", error="RuntimeError: boom")
+        else:
+            write_summary(folder, "finished", metrics={"segm": {"AP": ap}, "bbox": {"AP": ap}})
+        folders[seed] = folder
+    return folders
+
+
+def test_seeds_aggregate_to_mean_and_sample_std(tmp_path):
+    table = load_table("table1")
+    natural, aligned = table.rows
+    # by hand: 20, 22, 27 -> mean 23, deviations -3, -1, 4 -> sum of squares 26 / 2 = 13 -> std sqrt(13) = 3.6056
+    r = collect_seeds(table, natural, seeded(tmp_path, "natural", [0.20, 0.22, 0.27]))
+    assert r.status == "finished" and r.seeds == 3 and r.seeds_finished == 3
+    assert r.ours["segm.AP"] == pytest.approx(23.0) and r.std["segm.AP"] == pytest.approx(13 ** 0.5)
+    assert r.per_seed[2]["segm.AP"] == pytest.approx(27.0)
+    # a failed seed: the row is failed (with that seed's reason) but keeps the mean of the seeds that finished
+    partial = collect_seeds(table, aligned, seeded(tmp_path, "aligned", [0.30, None, 0.34]))
+    assert partial.status == "failed" and partial.error == "seed 1: RuntimeError: boom"
+    assert partial.ours["segm.AP"] == pytest.approx(32.0) and partial.seeds_finished == 2
+    assert partial.std["segm.AP"] == pytest.approx(2 ** 0.5 * 2)  # 30, 34: deviations +-2 -> sqrt(8 / 1)
+    single = collect_seeds(table, natural, seeded(tmp_path / "one", "natural", [0.25]))
+    assert single.ours["segm.AP"] == pytest.approx(25.0) and single.std["segm.AP"] is None
+
+
+@pytest.mark.parametrize(
+    "natural,aligned,agrees,exceeds,verdict",
+    [
+        # paper: aligned 28.9 > natural 28.5. ours 23 +- 3.61 vs 32 +- 2.83: gap 9 > 6.43
+        ([0.20, 0.22, 0.27], [0.30, 0.30, 0.36], True, True, "agrees, gap > spread"),
+        # gap 1 (23 vs 24), spread 3.61 + 1 = 4.61: the order agrees, the gap is noise
+        ([0.20, 0.22, 0.27], [0.23, 0.24, 0.25], True, False, "agrees, within the seed spread"),
+        # the other order, larger than the spread: ours disagrees
+        ([0.30, 0.30, 0.36], [0.20, 0.22, 0.27], False, True, "disagrees, gap > spread"),
+        # one seed each: no spread to judge by
+        ([0.20], [0.30], True, None, "agrees, spread unknown (1 seed)"),
+    ],
+)
+def test_comparisons_say_whether_our_order_agrees_and_exceeds_the_spread(tmp_path, natural, aligned, agrees, exceeds, verdict):
+    table = load_table("table1")
+    results = [collect_seeds(table, table.rows[0], seeded(tmp_path, "natural", natural)),
+               collect_seeds(table, table.rows[1], seeded(tmp_path, "aligned", aligned))]
+    (c,) = compare(table, results)
+    assert c.label == "aligned vs natural" and c.column.key == "segm.AP"
+    assert c.paper_gap == pytest.approx(0.4)
+    assert (c.agrees, c.exceeds, c.verdict) == (agrees, exceeds, verdict)
+    if len(natural) == 3:
+        mean = lambda v: 100 * sum(v) / len(v)  # noqa: E731
+        assert c.our_gap == pytest.approx(mean(aligned) - mean(natural))
+        assert c.spread == pytest.approx(results[0].std["segm.AP"] + results[1].std["segm.AP"])
+    md = markdown(table, results, "mini")
+    assert f"| aligned vs natural | AP | 0.4 |" in md and verdict in md

@@ -49,7 +49,7 @@ EXPECTED_ROWS = {
         "tensormask_box_only": ["mode=box_only"],
         "tensormask": ["mode=full"],
     },
-    "table5": {
+    "table5": {  # NMS boxes act at inference only: the row's `inference` overrides
         "box_head_bb_nms": ["mode=full", "model.nms_boxes=bb"],
         "box_head_mask_bb_nms": ["mode=full", "model.nms_boxes=mask-bb"],
         "no_box_head_mask_bb_nms": ["mode=mask_only", "model.nms_boxes=mask-bb"],
@@ -88,12 +88,14 @@ def test_rows_and_their_overrides(table):
     expected = EXPECTED_ROWS[table]
     assert [r.id for r in spec.rows] == list(expected)
     for scale in SCALES:
-        jobs = spec.jobs(scale)
+        jobs = {r.id: [*o, *spec.row(r.id).inference] for r, o in zip(spec.rows, spec.jobs(scale).values())}
         assert len(jobs) == len(expected)
         for row_id, overrides in jobs.items():
             assert set(expected[row_id]) <= set(overrides), (table, row_id, scale)
-        # rows differ from each other: no two jobs are the same run
+        # rows differ from each other, in training or at inference
         assert len({tuple(o) for o in jobs.values()}) == len(jobs)
+    for row in spec.rows:
+        assert all(o.startswith("model.nms_boxes=") for o in row.inference), "only inference keys in `inference`"
     for row in spec.rows:
         assert row.source, f"{table}/{row.id} needs the source of its paper numbers"
         for column in spec.columns:
@@ -108,11 +110,14 @@ def test_paper_numbers(table, row, column, value):
 
 
 def _compose_rows(table: str, scale: str):
-    cfg = rp.compose([f"table={table}", f"scale={scale}"])
+    """Every row's evaluated config: the scale's base (conf/hydra/sweeper/rows.yaml), the row's training
+    overrides and its inference overrides, with the bookkeeping the rows sweeper adds."""
+    base = list(OmegaConf.load(rp.default_conf_dir() / "hydra" / "sweeper" / "rows.yaml").scales[scale])
     spec = load_table(table)
     with initialize_config_dir(config_dir=str(rp.default_conf_dir()), version_base="1.3"):
         for row in spec.rows:
-            overrides = rp.row_overrides(spec, row.id, cfg)
+            overrides = [*spec.job_overrides(row, scale, base), *row.inference, f"group={table}",
+                         f"tags=[reproduce,{table},{row.id},{scale}]"]
             yield row.id, compose(config_name="train", overrides=overrides)
 
 

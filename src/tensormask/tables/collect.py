@@ -10,6 +10,9 @@ The training entry point writes ``run_summary.json`` in every run directory::
 A row whose folder has no summary is ``missing`` (never launched, or lost); a summary that still
 says ``running`` is ``running`` (in flight, or killed before it could say otherwise). Only
 ``finished`` rows carry our numbers, converted to percent like the paper's.
+
+With several seeds (`collect_seeds`), a row's numbers are the mean over its finished seeds, with
+their sample standard deviation; `compare` checks the orders the paper draws between rows.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ class RowResult:
     error: str | None = None
     wandb_run_id: str | None = None
     steps: int | None = None
+    std: dict[str, float | None] = field(default_factory=dict)  # sample std over the finished seeds
+    seeds: int = 1  # seeds asked for
+    seeds_finished: int | None = None  # seeds whose run finished (None: one run, no seeds)
+    per_seed: dict[int, dict[str, float | None]] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -96,3 +103,98 @@ def collect_table(table: TableSpec, sweep_dir: str | Path) -> list[RowResult]:
     """Every row of ``table`` from ``<sweep_dir>/<row id>/run_summary.json``, in the table's order."""
     sweep_dir = Path(sweep_dir)
     return [collect_row(table, row, sweep_dir / row.id) for row in table.rows]
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def collect_seeds(table: TableSpec, row: RowSpec, folders: dict[int, Path], errors: dict[int, str | None] | None = None) -> RowResult:
+    """One row over several seeds (seed -> run folder): mean +- sample std of every column over the
+    finished seeds. The row is ``finished`` when every seed finished; otherwise it takes the status
+    of its first unfinished seed (failed before running before missing), with that seed's reason,
+    and still shows the mean of the seeds that finished."""
+    errors = errors or {}
+    per = {}
+    for seed, folder in folders.items():
+        result = collect_row(table, row, folder)
+        if result.status == "missing" and errors.get(seed):
+            result.status, result.error = "failed", errors[seed]
+        per[seed] = result
+    done = {s: r for s, r in per.items() if r.finished}
+    unfinished = [r for r in per.values() if not r.finished]
+    rank = {"failed": 0, "running": 1, "missing": 2}
+    first = min(unfinished, key=lambda r: rank[r.status]) if unfinished else None
+    seed_of = {id(r): s for s, r in per.items()}
+    out = RowResult(
+        row=row,
+        status=first.status if first else "finished",
+        run_dir=next(iter(folders.values())),
+        error=None if first is None else (f"seed {seed_of[id(first)]}: " if len(folders) > 1 else "") + (first.error or ""),
+        seeds=len(folders),
+        seeds_finished=len(done),
+        per_seed={s: r.ours for s, r in done.items()},
+    )
+    ids = [r.wandb_run_id for r in per.values() if r.wandb_run_id]
+    out.wandb_run_id = ",".join(ids) or None
+    steps = {r.steps for r in done.values()}
+    out.steps = steps.pop() if len(steps) == 1 else None
+    for column in table.columns:
+        values = [r.ours[column.key] for r in done.values() if r.ours.get(column.key) is not None]
+        out.ours[column.key], out.std[column.key] = _mean_std(values)
+        if not values and done:
+            out.ours[column.key] = None
+    if not done:
+        out.ours = {}
+    return out
+
+
+@dataclass
+class ComparisonResult:
+    """The paper's order between two rows in one column, checked on ours (numbers in percent)."""
+
+    label: str
+    column: Column
+    paper_gap: float | None  # paper(first) - paper(second)
+    our_gap: float | None  # mean(first) - mean(second)
+    spread: float | None  # std(first) + std(second) over seeds; None with fewer than 2 seeds per row
+    agrees: bool | None  # same sign as the paper's gap; None: a number is missing, or the paper's gap is 0
+    exceeds: bool | None  # |our gap| > spread; None: no spread
+
+    @property
+    def verdict(self) -> str:
+        if self.agrees is None:
+            return "n/a"
+        order = "agrees" if self.agrees else "disagrees"
+        if self.exceeds is None:
+            return f"{order}, spread unknown (1 seed)"
+        return f"{order}, {'gap > spread' if self.exceeds else 'within the seed spread'}"
+
+
+def compare(table: TableSpec, results: list[RowResult]) -> list[ComparisonResult]:
+    """Every comparison of the table's sweep file (``comparisons:``) on the collected rows.
+
+    Our gap "exceeds the seed spread" when |mean(a) - mean(b)| > std(a) + std(b), the sample
+    standard deviations over each row's finished seeds (docs/reproduce.md).
+    """
+    by_id = {r.row.id: r for r in results}
+    out = []
+    for c in table.comparisons:
+        a, b = by_id.get(c.first), by_id.get(c.second)
+        pa, pb = (a.row.paper_value(c.column) if a else None), (b.row.paper_value(c.column) if b else None)
+        paper_gap = None if pa is None or pb is None else pa - pb
+        oa, ob = (a.ours.get(c.column.key) if a else None), (b.ours.get(c.column.key) if b else None)
+        our_gap = None if oa is None or ob is None else oa - ob
+        sa, sb = (a.std.get(c.column.key) if a else None), (b.std.get(c.column.key) if b else None)
+        spread = None if sa is None or sb is None else sa + sb
+        agrees = None
+        if paper_gap is not None and our_gap is not None and paper_gap != 0:
+            agrees = (paper_gap > 0) == (our_gap > 0) and our_gap != 0
+        exceeds = None if spread is None or our_gap is None else abs(our_gap) > spread
+        out.append(ComparisonResult(c.label, c.column, paper_gap, our_gap, spread, agrees, exceeds))
+    return out

@@ -14,11 +14,17 @@ multirun) and keeps the paper's numbers for that row, with where they come from:
       - id: natural                    # the run's folder name and the row's key
         label: simple natural head     # the paper's wording
         overrides: {all: [...], mini: [...], paper: [...]}
+        inference: [model.nms_boxes=mask-bb]   # optional: evaluation-only overrides (no effect on training)
         paper: {segm: {AP: 28.5}}      # percent, as printed; null where the paper has none
         source: paper Table 1 (2nd)
+    comparisons:                       # the orders the paper draws, checked on our numbers
+      - rows: [aligned, natural]       # the two rows compared (the paper's order comes from its numbers)
+        column: segm.AP                # optional: the table's first column
 
-The job of a row is the override list ``scale base + table all + table scale + row all + row scale``
-applied to the training config (``conf/train.yaml``). Rows are an explicit job list rather than a
+The training of a row is the override list ``scale base + table all + table scale + row all + row
+scale`` applied to the training config (``conf/train.yaml``); its evaluation adds the row's
+``inference`` overrides. Rows whose composed training configs are equal share one training run
+(`tensormask.tables.plan`). Rows are an explicit job list rather than a
 Cartesian product because most tables are not products (Table 4 mixes detectors, schedules and
 modes), and one row per job keeps the paper's numbers next to the run that reproduces them.
 """
@@ -83,9 +89,23 @@ class RowSpec:
     paper: dict[str, float | None]
     source: str
     note: str = ""
+    inference: list[str] = field(default_factory=list)
 
     def paper_value(self, column: Column) -> float | None:
         return self.paper.get(column.key)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """An order the paper draws between two rows of a table, in one column (e.g. aligned > natural)."""
+
+    first: str
+    second: str
+    column: Column
+
+    @property
+    def label(self) -> str:
+        return f"{self.first} vs {self.second}"
 
 
 @dataclass(frozen=True)
@@ -100,6 +120,7 @@ class TableSpec:
     description: str = ""
     notes: list[str] = field(default_factory=list)
     path: Path | None = None
+    comparisons: list[Comparison] = field(default_factory=list)
 
     def row(self, row_id: str) -> RowSpec:
         for row in self.rows:
@@ -109,10 +130,13 @@ class TableSpec:
 
     def job_overrides(self, row: RowSpec, scale: str, base: list[str] | None = None) -> list[str]:
         """The training overrides of one row at one scale: base, table (all, scale), row (all, scale)."""
+        return [*(base or []), *self.row_keys(row, scale)]
+
+    def row_keys(self, row: RowSpec, scale: str) -> list[str]:
+        """What the row sets over the scale's base recipe: table (all, scale), row (all, scale)."""
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
         return [
-            *(base or []),
             *self.overrides.get("all", []),
             *self.overrides.get(scale, []),
             *row.overrides.get("all", []),
@@ -179,11 +203,21 @@ def load_table(name: str, sweeps_dir: str | Path | None = None) -> TableSpec:
                 paper=_paper_numbers(row.get("paper"), columns, where),
                 source=str(row.get("source") or ""),
                 note=str(row.get("note") or ""),
+                inference=_override_sets(row.get("inference"), f"{where}.inference").get("all", []),
             )
         )
     ids = [r.id for r in rows]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: row ids must be unique, got {ids}")
+    comparisons = []
+    for i, item in enumerate(cfg.get("comparisons") or []):
+        pair = list(item.get("rows") or [])
+        if len(pair) != 2 or not set(pair) <= set(ids) or pair[0] == pair[1]:
+            raise ValueError(f"{path.name} comparisons[{i}]: rows must name two different rows of the table, got {pair}")
+        column = Column.parse(item.get("column") or columns[0].key)
+        if column not in columns:
+            raise ValueError(f"{path.name} comparisons[{i}]: column {column.key} is not one of the table's columns")
+        comparisons.append(Comparison(first=str(pair[0]), second=str(pair[1]), column=column))
     return TableSpec(
         name=name,
         title=str(cfg.get("title") or name),
@@ -193,6 +227,7 @@ def load_table(name: str, sweeps_dir: str | Path | None = None) -> TableSpec:
         description=str(cfg.get("description") or "").strip(),
         notes=[str(n) for n in (cfg.get("notes") or [])],
         path=path,
+        comparisons=comparisons,
     )
 
 

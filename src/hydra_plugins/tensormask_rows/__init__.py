@@ -1,0 +1,1 @@
+"""Hydra plugin: the sweeper that runs the paper's tables (``hydra/sweeper=rows``, docs/reproduce.md)."""
