@@ -130,7 +130,7 @@ def run_multirun(arguments: list[str]) -> None:
     saved = sys.argv
     sys.argv = ["tensormask-train", *arguments]
     try:
-        train_entry._hydra_main()
+        train_entry.main()
     except SystemExit as exit_:
         if exit_.code not in (0, None):
             raise ReproduceError(_plan_error() or f"the multirun stopped (exit status {exit_.code}); see the messages above") from None

@@ -178,3 +178,16 @@ def test_comparisons_say_whether_our_order_agrees_and_exceeds_the_spread(tmp_pat
         assert c.spread == pytest.approx(results[0].std["segm.AP"] + results[1].std["segm.AP"])
     md = markdown(table, results, "mini")
     assert f"| aligned vs natural | AP | 0.4 |" in md and verdict in md
+
+
+def test_wandb_gets_the_comparisons(tmp_path):
+    from tensormask.tables.format import comparison_columns, wandb_comparisons
+
+    table = load_table("table1")
+    results = [collect_seeds(table, table.rows[0], seeded(tmp_path, "natural", [0.20, 0.22, 0.27])),
+               collect_seeds(table, table.rows[1], seeded(tmp_path, "aligned", [0.30, 0.30, 0.36]))]
+    logged = wandb_comparisons(table, results)
+    assert logged.columns == comparison_columns()
+    (row,) = logged.data
+    assert row[0] == "aligned vs natural" and row[1] == "segm.AP" and row[2] == pytest.approx(0.4)
+    assert row[3] == pytest.approx(9.0) and row[5] is True and row[6] is True and row[7] == "agrees, gap > spread"
