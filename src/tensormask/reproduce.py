@@ -74,7 +74,8 @@ def scale_dir(cfg: DictConfig) -> Path:
 
 
 def plan_file(cfg: DictConfig) -> Path:
-    return scale_dir(cfg) / "plan.json"
+    """The plan the sweeper writes (``collect_only`` keeps the one of a multirun still in flight)."""
+    return scale_dir(cfg) / ("collect-plan.json" if cfg.get("collect_only") else "plan.json")
 
 
 def tables_of(cfg: DictConfig) -> list[str]:
@@ -98,7 +99,7 @@ def multirun_arguments(cfg: DictConfig) -> list[str]:
         f"hydra.sweeper.table={_hydra_list(tables_of(cfg))}",
         f"hydra.sweeper.scale={cfg.scale}",
         f"hydra.sweeper.seeds={seeds}",
-        f"hydra.sweeper.dry_run={str(bool(cfg.dry_run)).lower()}",
+        f"hydra.sweeper.dry_run={str(bool(cfg.dry_run or cfg.get('collect_only'))).lower()}",
         f"hydra.sweeper.on_stale={cfg.on_stale}",
         f"hydra.sweeper.force={str(bool(cfg.force)).lower()}",
         f"hydra.sweeper.runs_dir={_quote(Path(cfg.runs_dir).expanduser().resolve())}",
@@ -215,7 +216,7 @@ def reproduce(cfg: DictConfig) -> list[RowResult]:
     log.info("tensormask-train %s", " ".join(arguments))
     run_multirun(arguments)
     if cfg.dry_run:
-        return []
+        return []  # collect_only: the plan says where every run is; collect what is there
     plan = json.loads(_PLAN_FILE.read_text())
     out = Path(cfg.results_dir).expanduser()
     everything: list[RowResult] = []

@@ -171,6 +171,10 @@ def test_a_stale_finished_row_is_not_reused(tmp_path, fake, capsys):
     assert [r.steps for r in results] == [400, 400] and [r.run_dir.name for r in results] == ["natural-v2", "aligned-v2"]
     old = json.loads((tmp_path / "runs" / "mini" / "table1" / "natural" / SUMMARY_FILE).read_text())
     assert old["steps"] == 30  # kept
+    # collect_only trains nothing and collects what is there: the 400-step runs' table
+    idle = fake()
+    collected = rp.reproduce(compose(tmp_path, "table=table1", "wandb.log_table=false", "collect_only=true", "seeds=2"))
+    assert idle.calls == [] and [(r.status, r.seeds_finished, r.steps) for r in collected] == [("missing", 1, 400)] * 2
     # Asking for the 30-step runs again finds them; on_stale=stop names the keys instead of training.
     idle = fake()
     assert [r.steps for r in rp.reproduce(smoke)] == [30, 30] and idle.calls == []
