@@ -260,6 +260,8 @@ def test_imagenet_weights_reach_every_row_of_a_mixed_table(tmp_path):
 
     from tensormask.framework.validation import validate_config
 
+    for name in ("R-50.pkl", "R-101.pkl", "resnet50-0676ba61.pth", "resnet101-63fe2227.pth"):
+        (tmp_path / name).write_bytes(b"")  # the files the rows' backbones read (checked by name only here)
     cfg = compose(tmp_path, "table=table4", "scale=paper", f"imagenet_weights={tmp_path}")
     extra = [a for a in rp.multirun_arguments(cfg) if not a.startswith(("-m", "hydra"))]
     assert extra == [f"++imagenet_weights='{tmp_path}'"]
@@ -270,6 +272,13 @@ def test_imagenet_weights_reach_every_row_of_a_mixed_table(tmp_path):
             train_cfg = hydra_compose("train", [*spec.job_overrides(row, "paper", list(sweeper.scales.paper)), *extra])
             validate_config(train_cfg)
             assert train_cfg.imagenet_weights == str(tmp_path), row.id
+            try:  # the ImageNet guard (issue 11): every row finds its backbone's file in the folder
+                from tensormask.framework.pretrained import check_pretrained
+            except ImportError:
+                continue
+            check_pretrained(train_cfg)
+            weights = OmegaConf.select(train_cfg, "model.backbone.weights") or OmegaConf.select(train_cfg, "model.weights_backbone")
+            assert weights and Path(weights).parent == tmp_path, (row.id, weights)
 
 
 def test_cluster_jobs_ask_for_what_their_rows_train_on(tmp_path, capsys):
