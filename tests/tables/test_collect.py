@@ -162,6 +162,8 @@ def test_seeds_aggregate_to_mean_and_sample_std(tmp_path):
         ([0.30, 0.30, 0.36], [0.20, 0.22, 0.27], False, True, "disagrees, gap > spread"),
         # one seed each: no spread to judge by
         ([0.20], [0.30], True, None, "agrees, spread unknown (1 seed)"),
+        # equal numbers: no order to agree or disagree with
+        ([0.20, 0.20, 0.20], [0.20, 0.20, 0.20], None, False, "tie (no order)"),
     ],
 )
 def test_comparisons_say_whether_our_order_agrees_and_exceeds_the_spread(tmp_path, natural, aligned, agrees, exceeds, verdict):

@@ -163,13 +163,13 @@ class ComparisonResult:
     paper_gap: float | None  # paper(first) - paper(second)
     our_gap: float | None  # mean(first) - mean(second)
     spread: float | None  # std(first) + std(second) over seeds; None with fewer than 2 seeds per row
-    agrees: bool | None  # same sign as the paper's gap; None: a number is missing, or the paper's gap is 0
+    agrees: bool | None  # same sign as the paper's gap; None: a number is missing, or a gap is 0
     exceeds: bool | None  # |our gap| > spread; None: no spread
 
     @property
     def verdict(self) -> str:
         if self.agrees is None:
-            return "n/a"
+            return "tie (no order)" if self.our_gap == 0 and self.paper_gap else "n/a"
         order = "agrees" if self.agrees else "disagrees"
         if self.exceeds is None:
             return f"{order}, spread unknown (1 seed)"
@@ -193,8 +193,8 @@ def compare(table: TableSpec, results: list[RowResult]) -> list[ComparisonResult
         sa, sb = (a.std.get(c.column.key) if a else None), (b.std.get(c.column.key) if b else None)
         spread = None if sa is None or sb is None else sa + sb
         agrees = None
-        if paper_gap is not None and our_gap is not None and paper_gap != 0:
-            agrees = (paper_gap > 0) == (our_gap > 0) and our_gap != 0
+        if paper_gap is not None and our_gap is not None and paper_gap != 0 and our_gap != 0:
+            agrees = (paper_gap > 0) == (our_gap > 0)
         exceeds = None if spread is None or our_gap is None else abs(our_gap) > spread
         out.append(ComparisonResult(c.label, c.column, paper_gap, our_gap, spread, agrees, exceeds))
     return out
