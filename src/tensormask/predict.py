@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tensormask import framework  # noqa: F401  (registers the config resolvers)
@@ -35,6 +34,7 @@ from tensormask.framework.builders import (
     build_model, build_module, build_trainer, find_run_config, instantiate_list, load_model_weights,
 )
 from tensormask.framework.callbacks import PredictionImages, PredictionWriter
+from tensormask.framework.checkpoint_io import read_checkpoint
 from tensormask.framework.entry import config_dir, quiet_known_warnings
 from tensormask.framework.loggers import finish_wandb
 
@@ -85,7 +85,7 @@ def predict(cfg: DictConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     run_cfg = OmegaConf.load(run_config)
     model = build_model(run_cfg)
     load_model_weights(model, ckpt)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = read_checkpoint(ckpt, mmap=True)  # the class mapping (the weights are loaded above)
     classes = state.get("classes") or {}
     num_classes = int(run_cfg.data.num_classes)
     contiguous_to_coco = classes.get("contiguous_to_coco", list(range(1, num_classes + 1)))

@@ -31,9 +31,11 @@ from tensormask import framework  # noqa: F401  (registers the config resolvers)
 from tensormask.framework.builders import (
     build_datamodule, build_model, build_module, build_trainer, instantiate_list, save_run_config,
 )
-from tensormask.framework.checkpoint_io import resolve_ckpt_path
+from tensormask.framework.checkpoint_io import (
+    checkpoint_step, find_resume_checkpoint, remove_orphans, resolve_ckpt_path,
+)
 from tensormask.framework.entry import command_overrides, config_dir, metrics_table, quiet_known_warnings, to_plain
-from tensormask.framework.loggers import wandb_info
+from tensormask.framework.loggers import RunCSVLogger, wandb_info
 from tensormask.framework.run_summary import RunSummary
 from tensormask.framework.validation import validate_config
 
@@ -69,12 +71,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             save_run_config(cfg, ckpt_dir)
         for logger in loggers:
             logger.log_hyperparams(to_plain(cfg))
-        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), ckpt_dir)
-        if ckpt_path is None and (ckpt_dir / "last.ckpt").is_file():
-            log.warning("starting a fresh run in %s: its checkpoints will be replaced (add ckpt_path=last to resume "
-                        "it instead)", run_dir)
-        if cfg.get("ckpt_path") == "last":
-            log.info("ckpt_path=last: %s", f"resuming from {ckpt_path}" if ckpt_path else f"no {ckpt_dir}/last.ckpt yet, starting fresh")
+        ckpt_path, start_step = _starting_point(cfg, ckpt_dir, rank_zero)
+        for logger in loggers:
+            if isinstance(logger, RunCSVLogger):  # one record: drop the steps the resumed run replays
+                logger.continue_at(start_step)
         if cfg.get("train", True):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             save_final_checkpoint(trainer)
@@ -94,6 +94,37 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     objects = {"cfg": cfg, "model": model, "datamodule": datamodule, "module": module, "trainer": trainer,
                "loggers": loggers}
     return metrics, objects
+
+
+def _starting_point(cfg: DictConfig, ckpt_dir: Path, rank_zero: bool) -> tuple[str | None, int]:
+    """(checkpoint to resume from or None, its step) and, on rank 0, the files killed writes left.
+
+    `ckpt_path=last` takes the newest complete checkpoint of the run, passing over damaged ones
+    with a warning (`checkpoint_io.find_resume_checkpoint`), and says which one it took."""
+    if rank_zero:
+        remove_orphans(ckpt_dir)  # temporary files of writes a kill interrupted (docs/framework.md)
+    requested = cfg.get("ckpt_path")
+    if requested == "last":
+        found, damaged = find_resume_checkpoint(ckpt_dir)
+        if found is None:
+            message = f"ckpt_path=last: no complete checkpoint in {ckpt_dir} yet, starting fresh"
+            if damaged:
+                message += f" (passed over damaged: {', '.join(str(e.path.name) for e in damaged)})"
+            log.warning(message)
+            return None, 0
+        step = checkpoint_step(found)
+        if rank_zero:
+            print(f"ckpt_path=last: resuming from {found} (step {step}, the newest complete checkpoint of the run"
+                  + (f"; passed over damaged {', '.join(e.path.name for e in damaged)}" if damaged else "") + ")",
+                  flush=True)
+        return str(found), step
+    ckpt_path = resolve_ckpt_path(requested, ckpt_dir)
+    if ckpt_path is None:
+        if any(ckpt_dir.glob("*.ckpt")):
+            log.warning("starting a fresh run in %s: its checkpoints will be replaced (add ckpt_path=last to resume "
+                        "it instead)", ckpt_dir.parent)
+        return None, 0
+    return ckpt_path, checkpoint_step(ckpt_path)
 
 
 def save_final_checkpoint(trainer: L.Trainer) -> None:

@@ -158,7 +158,7 @@ def test_loggers_instantiate(tmp_path, logger, monkeypatch):
 def test_callbacks_and_debug_presets(tmp_path):
     cfg = compose_config("train", [], tmp_path)
     names = {type(c).__name__ for c in instantiate_list(cfg.callbacks)}
-    assert names == {"ModelCheckpoint", "StepProgressBar", "ValidationImages", "EvaluationReport"}
+    assert names == {"StepCheckpoint", "StepProgressBar", "ValidationImages", "EvaluationReport"}
     fast = compose_config("train", ["debug=fast_dev_run"], tmp_path)
     assert fast.trainer.fast_dev_run == 1 and fast.logger is None
     over = compose_config("train", ["debug=overfit"], tmp_path)

@@ -90,6 +90,8 @@ def test_ckpt_path_resolution(tmp_path):
     assert resolve_ckpt_path(None, tmp_path) is None
     assert resolve_ckpt_path("last", tmp_path) is None  # nothing yet: a fresh start
     (tmp_path / "last.ckpt").write_bytes(b"x")
+    assert resolve_ckpt_path("last", tmp_path) is None  # only a damaged one: passed over (test_faults.py)
+    torch.save({"global_step": 3}, tmp_path / "last.ckpt")
     assert resolve_ckpt_path("last", tmp_path) == str(tmp_path / "last.ckpt")
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         resolve_ckpt_path(str(tmp_path / "missing.ckpt"), tmp_path)

@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tensormask.framework.checkpoint_io import AtomicCheckpointIO
+from tensormask.framework.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def load_model_weights(model: torch.nn.Module, checkpoint: str | Path) -> dict[s
 
         report = load_detectron2_checkpoint(model, checkpoint)
         return {"source": "detectron2", "report": report}
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = read_checkpoint(checkpoint)  # a damaged file: DamagedCheckpointError naming it
     weights = state.get("state_dict", state)
     weights = {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")} or weights
     model.load_state_dict(weights, strict=True)

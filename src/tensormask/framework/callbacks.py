@@ -26,7 +26,15 @@ log = logging.getLogger(__name__)
 
 
 class StepProgressBar(TQDMProgressBar):
-    """TQDM bar counting optimisation steps towards `max_steps` (training is endless in epochs)."""
+    """TQDM bar counting optimisation steps towards `max_steps` (training is endless in epochs).
+
+    A resumed run continues in the middle of its one epoch, where Lightning calls no
+    `on_train_epoch_start`: the bar is set up in `on_train_start` then too, so it keeps its total."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.global_step > 0:
+            self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         super().on_train_epoch_start(trainer)
@@ -64,6 +72,11 @@ class StepRichProgressBar(RichProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.global_step > 0:  # resumed mid-epoch: no on_train_epoch_start follows
+            self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)

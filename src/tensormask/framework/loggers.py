@@ -1,11 +1,22 @@
-"""Experiment loggers: Weights & Biases (default; offline unless a key is configured), csv, tensorboard."""
+"""Experiment loggers: Weights & Biases (default; offline unless a key is configured), csv (one record per
+run folder, continued on resume), tensorboard."""
 
 from __future__ import annotations
 
+import csv
+import io
+import logging
 import math
 import os
 from collections.abc import Sequence
 from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -246,3 +257,72 @@ def evaluation_report(
             path = plot_pr_curves(calibration, os.path.join(figure_dir, f"pr_curves_{iou}.png"))
             out[f"{prefix}/pr_curves_{iou}"] = wandb.Image(str(path), caption=f"{iou} PR curves per category")
     return out
+
+
+
+class _ContinuedWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing metrics.csv is continued, not deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                header = next(csv.reader(f), [])
+            self.metrics_keys = sorted(header)
+
+    def drop_rows_from(self, step: int) -> int:
+        """Remove the rows logged at `step` or later; returns how many."""
+        if not self._fs.isfile(self.metrics_file_path):
+            return 0
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            rows = list(csv.DictReader(f))
+        kept = [r for r in rows if r.get("step") in (None, "") or float(r["step"]) < step]
+        if len(kept) == len(rows):
+            return 0
+        if not kept:
+            self._fs.rm_file(self.metrics_file_path)
+            self.metrics_keys = []
+            return len(rows)
+        from tensormask.framework.checkpoint_io import atomic_write
+
+        def write(out) -> None:
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(kept)
+            out.write(text.getvalue().encode())
+
+        atomic_write(self.metrics_file_path, write)
+        return len(rows) - len(kept)
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's CSVLogger with one continuous record per run folder
+    (`<save_dir>/<name>/version_0/metrics.csv` unless `version` says otherwise).
+
+    A resumed run (`ckpt_path=last`) writes into the same file: `continue_at(step)` first drops
+    the rows of the steps at or after the checkpoint's, which the resumed run logs again, so each
+    step appears once; a fresh start (`continue_at(0)`) begins a new record. Rows reach the file
+    as they are logged (`flush_logs_every_n_steps=1`; one appended line per logged step), so a
+    killed run loses none that its checkpoint does not replay.
+    """
+
+    def __init__(self, save_dir: str, name: str = "csv", version: int | str = 0, flush_logs_every_n_steps: int = 1,
+                 **kwargs: Any) -> None:
+        super().__init__(save_dir, name=name, version=version, flush_logs_every_n_steps=flush_logs_every_n_steps,
+                         **kwargs)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _ContinuedWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    def continue_at(self, step: int) -> None:
+        if rank_zero_only.rank != 0:
+            return
+        dropped = self.experiment.drop_rows_from(int(step))
+        if dropped and step:
+            log.info("%s: dropped %d rows of steps >= %d (logged again by the resumed run)",
+                     self.experiment.metrics_file_path, dropped, step)
