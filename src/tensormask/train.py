@@ -73,8 +73,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             logger.log_hyperparams(to_plain(cfg))
         ckpt_path, start_step = _starting_point(cfg, ckpt_dir, rank_zero)
         for logger in loggers:
-            if isinstance(logger, RunCSVLogger):  # one record: drop the steps the resumed run replays
-                logger.continue_at(start_step)
+            if isinstance(logger, RunCSVLogger) and cfg.get("train", True):
+                logger.continue_at(start_step)  # one record: drop the rows of the steps trained again
         if cfg.get("train", True):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             save_final_checkpoint(trainer)
