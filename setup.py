@@ -47,7 +47,9 @@ def _extensions():
         cu_include = os.path.join(site, "nvidia", "cu13", "include")
         if os.path.isdir(cu_include):
             include_dirs.append(cu_include)
-        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-DWITH_CUDA"]
+        # --fmad=false: nvcc contracts no multiply-add either (its default would fuse them), so the CUDA
+        # kernels round every product and sum like the CPU kernels and the reference (docs/ops.md, "CUDA").
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "--fmad=false", "-DWITH_CUDA"]
         extra["cxx"] = cxx_flags + ["-DWITH_CUDA"]
         ext = CUDAExtension(
             "tensormask._C", sources, include_dirs=include_dirs, extra_compile_args=extra,

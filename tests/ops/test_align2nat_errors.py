@@ -113,21 +113,22 @@ def test_bad_positions():
 
 
 def test_kernel_checks_its_arguments():
-    """The registered op validates too (for callers of torch.ops.tensormask.* directly)."""
+    """The registered op validates too (for callers of torch.ops.tensormask.* directly), raising ValueError
+    like the Python wrappers (more in test_align2nat_raw_op.py)."""
     from align2nat_helpers import require_extension
 
     require_extension()
     x = torch.zeros(1, 6, 4, 4)
     op = torch.ops.tensormask.align2nat
-    with pytest.raises(RuntimeError, match="x has 6 channels, in_cells \\[3, 3\\] need 9"):
+    with pytest.raises(ValueError, match="x has 6 channels, in_cells \\[3, 3\\] need 9"):
         op(x, [3, 3], [3, 3], [4, 4], 1.0, 1.0, 1.0, 1.0, -6.0, "bilinear")
-    with pytest.raises(RuntimeError, match="mode must be 'bilinear' or 'nearest', got 'cubic'"):
+    with pytest.raises(ValueError, match="mode must be 'bilinear' or 'nearest', got 'cubic'"):
         op(x, [2, 3], [2, 3], [4, 4], 1.0, 1.0, 1.0, 1.0, -6.0, "cubic")
-    with pytest.raises(RuntimeError, match="units must be positive"):
+    with pytest.raises(ValueError, match="units must be positive"):
         op(x, [2, 3], [2, 3], [4, 4], 0.0, 1.0, 1.0, 1.0, -6.0, "bilinear")
-    with pytest.raises(RuntimeError, match="must have rank 4"):
+    with pytest.raises(ValueError, match="must have rank 4"):
         op(x[0], [2, 3], [2, 3], [4, 4], 1.0, 1.0, 1.0, 1.0, -6.0, "bilinear")
-    with pytest.raises(RuntimeError, match="grad_out has 6 channels, out_cells \\[3, 3\\] need 9"):
+    with pytest.raises(ValueError, match="grad_out has 6 channels, out_cells \\[3, 3\\] need 9"):
         torch.ops.tensormask.align2nat_backward(x, [2, 3], [3, 3], [4, 4], 1.0, 1.0, 1.0, 1.0, "bilinear")
 
 

@@ -41,11 +41,25 @@ class Align2NatGeometry:
 
     def output_size(self, in_hw: tuple[int, int]) -> tuple[int, int]:
         """(Hout, Wout) = ceil((Hin, Win) / r_hw)."""
-        return tuple(_ceil_div_float(s, self.r_hw) for s in in_hw)  # type: ignore[return-value]
+        return tuple(_ceil_div_float(s, self.r_hw, self.units) for s in in_hw)  # type: ignore[return-value]
 
 
-def _ceil_div_float(size: int, ratio: float) -> int:
+# The largest output size and sampling position (in input cells) accepted; the C++ entry
+# (csrc/align2nat.cpp, make_params) checks the same bound.
+MAX_EXTENT = 2.0**40
+
+
+def _units_text(units) -> str:
+    return "unit_hw={:g}, unit_vu={:g}, aligned_unit_hw={:g}, aligned_unit_vu={:g}".format(*units)
+
+
+def _ceil_div_float(size: int, ratio: float, units=(1.0, 1.0, 1.0, 1.0)) -> int:
     value = size / ratio
+    if not value <= MAX_EXTENT:
+        raise ValueError(
+            f"an input of spatial size {size} gives an output of size {value:g} with {_units_text(units)} "
+            f"(more than {MAX_EXTENT:g}): the units are too far apart"
+        )
     # Tolerate the last-bit error of unit ratios such as 3 * (1/3) so that 9 / 3 cells stays 3.
     return max(0, math.ceil(value - 1e-9 * max(1.0, abs(value))))
 
@@ -109,15 +123,30 @@ def make_geometry(
     aligned_unit_hw = _positive("aligned_unit_hw", aligned_unit_hw)
     aligned_unit_vu = _positive("aligned_unit_vu", aligned_unit_vu)
     q_vu = aligned_unit_vu / unit_vu
+    units = (unit_hw, unit_vu, aligned_unit_hw, aligned_unit_vu)
+    ratios = (unit_hw / aligned_unit_hw, unit_vu / aligned_unit_hw, q_vu, 1.0 / q_vu)
+    if not all(0.0 < r < math.inf for r in ratios):
+        raise ValueError(
+            f"the unit ratios unit_hw/aligned_unit_hw, unit_vu/aligned_unit_hw and aligned_unit_vu/unit_vu must "
+            f"be positive finite numbers, got {ratios[0]:g}, {ratios[1]:g}, {ratios[2]:g} ({_units_text(units)})"
+        )
+    off_v = (vin / 2 - 0.5) - (vout / 2) / q_vu
+    off_u = (uin / 2 - 0.5) - (uout / 2) / q_vu
+    reach = ratios[0] + ratios[1] * max(vout, uout) + max(vout, uout) / q_vu + abs(off_v) + abs(off_u)
+    if not reach <= MAX_EXTENT:
+        raise ValueError(
+            f"{_units_text(units)} put sampling positions up to {reach:g} cells away (more than {MAX_EXTENT:g}): "
+            "the units are too far apart"
+        )
     return Align2NatGeometry(
         in_cells=(vin, uin),
         out_cells=(vout, uout),
         r_hw=unit_hw / aligned_unit_hw,
         r_off=unit_vu / aligned_unit_hw,
         q_vu=q_vu,
-        off_v=(vin / 2 - 0.5) - (vout / 2) / q_vu,
-        off_u=(uin / 2 - 0.5) - (uout / 2) / q_vu,
-        units=(unit_hw, unit_vu, aligned_unit_hw, aligned_unit_vu),
+        off_v=off_v,
+        off_u=off_u,
+        units=units,
     )
 
 

@@ -19,6 +19,23 @@ import torch
 from .geometry import Align2NatGeometry
 
 
+class _Weighted(torch.autograd.Function):
+    """weight * values, whose backward passes nothing through a weight of zero: the gradient of values
+    is weight * grad where weight != 0 and exactly 0 where weight == 0, not 0 * grad (which is NaN for an
+    infinite grad). So a NaN / inf in grad_out reaches exactly the inputs its output depends on, as in
+    every backend (docs/ops.md, "Non-finite values"). Differentiable again (the backward is linear in grad)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return weight * values
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return None, torch.where(weight != 0, grad * weight, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -95,7 +112,7 @@ def sample_natural(
         for xi, wx in taps_x:
             for vi, wv in taps_v:
                 for ui, wu in taps_u:
-                    term = (((wy * wx) * wv) * wu) * tap(yi, xi, vi, ui)
+                    term = _Weighted.apply(((wy * wx) * wv) * wu, tap(yi, xi, vi, ui))
                     out = term if out is None else out + term
     return out.expand(shape).to(x.dtype)
 

@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 
 #if defined(__CUDACC__)
@@ -26,6 +27,10 @@
 #endif
 
 namespace tensormask {
+
+// The largest output size and sampling position (in input cells) make_params accepts: far inside the
+// range where float64 positions, their floor / ceil and int64 indices are exact.
+constexpr double kMaxExtent = 1099511627776.0;  // 2^40
 
 // Sizes and the float64 constants of one transform, validated once on the host.
 struct Align2NatParams {
@@ -86,21 +91,33 @@ TM_HOST_DEVICE AxisTaps<acc_t> axis_taps(acc_t c, bool nearest) {
   return {static_cast<int64_t>(low), static_cast<int64_t>(std::ceil(c)), static_cast<acc_t>(1) - w_hi, w_hi};
 }
 
-// Output indices t in [0, n) that may tap input index i, for a coordinate c(t) = scale * t + shift
-// increasing in t: c(t) must lie in (i - 1, i + 1). Returns a superset [begin, end), padded by
-// one index on both sides against rounding; callers keep only the taps that really hit i.
-TM_HOST_DEVICE void candidate_range(double scale, double shift, int64_t i, int64_t n, int64_t* begin, int64_t* end) {
-  const double lo = std::floor((i - 1 - shift) / scale) - 1;
-  const double hi = std::ceil((i + 1 - shift) / scale) + 2;
-  *begin = lo < 0 ? 0 : (lo > n ? n : static_cast<int64_t>(lo));
-  *end = hi < 0 ? 0 : (hi > n ? n : static_cast<int64_t>(hi));
+// Output indices [begin, end) that may tap input index i along one axis whose coordinate
+// c(t) = scale * t + shift (scale > 0) is computed in acc_t: a tap of nonzero weight has c(t) in the
+// open interval (i - 1, i + 1) (bilinear; nearest: [i - 0.5, i + 0.5), inside it). The range is that
+// interval's, widened only by a margin for the rounding of c(t) and of this computation (16 ulps of the
+// magnitudes involved), so it holds every output index that taps i; callers keep the taps of nonzero
+// weight (weight_of). For lambda 2, a cell axis has 2 lambda + 2 = 6 candidates, a spatial one 3.
+template <typename acc_t>
+TM_HOST_DEVICE void tap_range(acc_t scale, acc_t shift, int64_t i, int64_t n, int64_t* begin, int64_t* end) {
+  const acc_t ii = static_cast<acc_t>(i), one(1);
+  const acc_t eps = std::numeric_limits<acc_t>::epsilon();
+  const acc_t abs_i = ii < acc_t(0) ? -ii : ii, abs_shift = shift < acc_t(0) ? -shift : shift;
+  const acc_t margin = acc_t(16) * eps * (abs_i + abs_shift + acc_t(2) + scale * static_cast<acc_t>(n));
+  const acc_t lo = std::floor((ii - one - shift - margin) / scale);
+  const acc_t hi = std::floor((ii + one - shift + margin) / scale) + one;  // exclusive
+  const acc_t nn = static_cast<acc_t>(n);
+  *begin = lo <= acc_t(0) ? 0 : (lo >= nn ? n : static_cast<int64_t>(lo));
+  *end = hi <= acc_t(0) ? 0 : (hi >= nn ? n : static_cast<int64_t>(hi));
+  if (*end < *begin) *end = *begin;
 }
 
 // The coordinates of element i of an (N, V*U, H, W) tensor (channel v * U + u); with w = 1, of row i.
+// index_t = int32_t when the tensor has fewer than 2^31 elements (4 cheap divisions instead of 64-bit ones).
 struct CellIndex {
   int64_t n, v, u, y, x;
 };
-TM_HOST_DEVICE CellIndex unravel(int64_t i, int64_t v, int64_t u, int64_t h, int64_t w) {
+template <typename index_t = int64_t>
+TM_HOST_DEVICE CellIndex unravel(index_t i, index_t v, index_t u, index_t h, index_t w) {
   CellIndex idx;
   idx.x = i % w;
   i /= w;

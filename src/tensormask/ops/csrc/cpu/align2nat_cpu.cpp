@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "../align2nat.h"
+#include "../align2nat_elements.h"
 #include "separable_avx2.h"
 
 namespace tensormask {
@@ -127,6 +128,9 @@ struct SeparableTaps {
 
   SeparableTaps(const Align2NatParams& p, const Geometry<acc_t>& g) {
     if (p.nearest || p.r_hw < 1 || std::floor(p.r_hw) != p.r_hw || p.vout * p.uout == 0) return;
+    // A block of A rows is a multiple of R rows: a stride far beyond the input (which gives an output of
+    // one row and column) would make its buffers huge for nothing, so such a geometry takes the exact path.
+    if (p.r_hw > static_cast<double>(std::max<int64_t>(64, std::max(p.hin, p.win) + 1))) return;
     stride = static_cast<int64_t>(p.r_hw);
     if (!plan_axis(g, p.vout, p.hout, g.half_vout, g.off_v, wy, k_v, v_taps) ||
         !plan_axis(g, p.uout, p.wout, g.half_uout, g.off_u, wx, j_u, u_taps))
@@ -343,6 +347,26 @@ inline void stencil_phases(float* dst, const float* g, int64_t gs, int64_t len, 
     return avx2::stencil_rows<false>(stride, dst, g, gs, len, win, rows, w01, w00, w11, w10);
 #endif
   stencil_phases_f32(dst, g, gs, len, stride, win, rows, w01, w00, w11, w10);
+}
+
+// stencil_phases when a spatial weight is zero (an odd stride with odd cells, e.g. up_align2nat to 15 x 15
+// cells: y^ and x^ are integers, weights (1, 0)): the terms of weight zero are left out, so a NaN / inf
+// in gA does not reach the neighbouring row or column through 0 * inf (docs/ops.md, "Non-finite values").
+// Otherwise the same sums in the same order (portable loop only; this case is rare).
+template <typename out_t, typename acc_t>
+void stencil_phases_skip_zero(out_t* dst, const acc_t* g, int64_t gs, int64_t len, int64_t stride, int64_t win,
+                              int64_t rows, acc_t w01, acc_t w00, acc_t w11, acc_t w10) {
+  const int64_t R = stride;
+  auto term = [](acc_t w, acc_t value) { return w == acc_t(0) ? acc_t(0) : w * value; };
+  for (int64_t y = 0; y < rows; ++y, dst += win, g += gs) {
+    const acc_t *g0 = g, *g1 = g - gs;
+    for (int64_t s = 0; s < win; ++s) {
+      const int64_t j = s / R, ph = s % R;
+      const int64_t at = ph * len + j + 1, before = ph > 0 ? at - len : (R - 1) * len + j;
+      dst[s] = static_cast<out_t>((term(w01, g0[before]) + term(w00, g0[at])) +
+                                  (term(w11, g1[before]) + term(w10, g1[at])));
+    }
+  }
 }
 
 // stencil_phases with non-temporal stores (float32 + AVX2 only, see `direct` in separable_backward).
@@ -710,7 +734,8 @@ void separable_backward(const scalar_t* grad_out, scalar_t* grad_x, const Align2
   const int64_t slot_size = (block + 1) * lay.size;
   const bool stream = p.batch * cells * plane_in * int64_t(sizeof(scalar_t)) >= kStreamBytes;
   // float32 + AVX2 with rows of whole phase vectors: the non-temporal stores go straight from the registers.
-  const bool direct = stream && std::is_same<scalar_t, float>::value && avx2::enabled() &&
+  const bool zero_weight = w00 == acc_t(0) || w01 == acc_t(0) || w10 == acc_t(0) || w11 == acc_t(0);
+  const bool direct = stream && std::is_same<scalar_t, float>::value && avx2::enabled() && !zero_weight &&
                       avx2::supports_stride(R) && p.win % (8 * R) == 0 && reinterpret_cast<uintptr_t>(grad_x) % 32 == 0;
 
   at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -747,7 +772,10 @@ void separable_backward(const scalar_t* grad_out, scalar_t* grad_x, const Align2
             continue;
           }
           scalar_t* dst = stream ? staged.data() : gx;
-          stencil_phases(dst, g, lay.size, lay.m_len, R, p.win, re - first, w01, w00, w11, w10);
+          if (zero_weight)
+            stencil_phases_skip_zero(dst, g, lay.size, lay.m_len, R, p.win, re - first, w01, w00, w11, w10);
+          else
+            stencil_phases(dst, g, lay.size, lay.m_len, R, p.win, re - first, w01, w00, w11, w10);
           if (stream) store_once(gx, staged.data(), (re - first) * p.win);
         }
         held[vi & 1] = -1;
@@ -820,7 +848,7 @@ void forward_kernel(const scalar_t* x, scalar_t* out, const Align2NatParams& p, 
     // Rows of taps outside the input point here: a row of pad values, so no check is needed on y, v, u.
     const std::vector<scalar_t> pad_row(std::max<int64_t>(1, p.win), pad);
     for (int64_t r = row_begin; r < row_end; ++r) {
-      const CellIndex idx = unravel(r, p.vout, p.uout, p.hout, 1);
+      const CellIndex idx = unravel<int64_t>(r, p.vout, p.uout, p.hout, 1);
       const int64_t n = idx.n, v = idx.v, u = idx.u, y = idx.y;
       scalar_t* o = out + r * p.wout;
 
@@ -892,30 +920,39 @@ void backward_kernel(const scalar_t* grad_out, scalar_t* grad_x, const Align2Nat
   for (int64_t v = 0; v < p.vout; ++v) v_taps[v] = axis_taps(g.cell(v, g.off_v), p.nearest);
   for (int64_t u = 0; u < p.uout; ++u) u_taps[u] = axis_taps(g.cell(u, g.off_u), p.nearest);
   // Cell coordinates are (v + 0.5) / q + off: increasing in v with slope 1 / q.
-  const double cell_scale = 1.0 / p.q_vu;
+  const GatherPlan<acc_t> plan(p);
+  // The x taps of weight zero (the ceil tap of an integer x^, which equals its floor tap) add into a sink
+  // column at Win instead, never read: a tap of weight zero passes nothing back, not even 0 * inf = NaN,
+  // like every other backend (docs/ops.md, "Non-finite values").
+  std::vector<int64_t> lo_g(cols.lo), hi_g(cols.hi);
+  for (size_t k = 0; k < lo_g.size(); ++k) {
+    if (cols.w_lo[k] == acc_t(0)) lo_g[k] = p.win;
+    if (cols.w_hi[k] == acc_t(0)) hi_g[k] = p.win;
+  }
   const int64_t rows_total = p.batch * p.vin * p.uin * p.hin;
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, p.win));
 
   at::parallel_for(0, rows_total, grain, [&](int64_t row_begin, int64_t row_end) {
-    std::vector<acc_t> acc(std::max<int64_t>(1, p.win));
+    std::vector<acc_t> acc(p.win + 1);  // + the sink column
     for (int64_t r = row_begin; r < row_end; ++r) {
-      const CellIndex idx = unravel(r, p.vin, p.uin, p.hin, 1);
+      const CellIndex idx = unravel<int64_t>(r, p.vin, p.uin, p.hin, 1);
       const int64_t n = idx.n, vi = idx.v, ui = idx.u, yi = idx.y;
       std::fill(acc.begin(), acc.end(), acc_t(0));
 
       int64_t v_begin, v_end, u_begin, u_end;
-      candidate_range(cell_scale, 0.5 * cell_scale + p.off_v, vi, p.vout, &v_begin, &v_end);
-      candidate_range(cell_scale, 0.5 * cell_scale + p.off_u, ui, p.uout, &u_begin, &u_end);
+      tap_range(plan.cell_scale, plan.shift_v, vi, p.vout, &v_begin, &v_end);
+      tap_range(plan.cell_scale, plan.shift_u, ui, p.uout, &u_begin, &u_end);
       for (int64_t v = v_begin; v < v_end; ++v) {
         const acc_t wv = v_taps[v].weight_of(vi);
         if (wv == acc_t(0)) continue;
         int64_t y_begin, y_end;
-        candidate_range(p.r_hw, p.r_off * ((v + 0.5) - p.vout / 2.0), yi, p.hout, &y_begin, &y_end);
+        tap_range(g.r_hw, g.r_off * ((static_cast<acc_t>(v) + static_cast<acc_t>(0.5)) - g.half_vout), yi, p.hout,
+                  &y_begin, &y_end);
         for (int64_t u = u_begin; u < u_end; ++u) {
           const acc_t wu = u_taps[u].weight_of(ui);
           if (wu == acc_t(0)) continue;
-          const int64_t* lo = cols.lo.data() + u * p.wout;
-          const int64_t* hi = cols.hi.data() + u * p.wout;
+          const int64_t* lo = lo_g.data() + u * p.wout;
+          const int64_t* hi = hi_g.data() + u * p.wout;
           const acc_t* w_lo = cols.w_lo.data() + u * p.wout;
           const acc_t* w_hi = cols.w_hi.data() + u * p.wout;
           const int64_t begin = cols.begin[u], end = std::max(cols.begin[u], cols.end[u]);

@@ -1,9 +1,14 @@
 // CUDA kernels of tensormask::align2nat and tensormask::align2nat_backward.
 //
-//   forward:  one thread per output element, the 16 (or 1) taps of align2nat.h.
-//   backward: a gather, one thread per input element: it walks the output elements whose taps hit
-//             it, in a fixed order, and sums their weighted gradients. No atomics, deterministic.
-// Device guard, current stream, capped grid-stride loops, no device-wide synchronisation.
+//   forward:  one thread per output element, the 16 (or 1) taps (forward_element).
+//   backward: a gather, one thread per input element (backward_element): it walks the output elements
+//             whose taps hit it, in a fixed order, and sums their weighted gradients. No atomics,
+//             deterministic.
+// The per-element arithmetic lives in ../align2nat_elements.h, shared with the CPU op
+// tensormask::_align2nat_device_emulation that the CPU tests run. nvcc compiles it with --fmad=false
+// (setup.py), so every multiply and add rounds like the CPU kernels' (docs/ops.md, "CUDA").
+// 32-bit element indices when the tensors allow, device guard, current stream, capped grid-stride
+// loops, no device-wide synchronisation.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -12,8 +17,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 
-#include "../align2nat.h"
+#include "../align2nat_elements.h"
 
 namespace tensormask {
 namespace {
@@ -25,79 +31,32 @@ int64_t blocks_for(int64_t total) {
   return std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, max_blocks));
 }
 
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t fetch(const scalar_t* __restrict__ x, const Align2NatParams& p, int64_t n,
-                                       int64_t v, int64_t u, int64_t y, int64_t c, acc_t pad) {
-  const bool inside = v >= 0 && v < p.vin && u >= 0 && u < p.uin && y >= 0 && y < p.hin && c >= 0 && c < p.win;
-  return inside ? static_cast<acc_t>(x[(((n * p.vin + v) * p.uin + u) * p.hin + y) * p.win + c]) : pad;
+// 32-bit indices when every element index of both tensors (and the grid-stride loop's next index) fits.
+bool fits_int32(int64_t a, int64_t b) {
+  const int64_t limit = std::numeric_limits<int32_t>::max() - int64_t(kThreads) * 65536;
+  return a < limit && b < limit;
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void align2nat_forward_kernel(int64_t total, const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
-                                         Align2NatParams p, Geometry<acc_t> g, acc_t pad) {
-  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
-       index += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const CellIndex idx = unravel(index, p.vout, p.uout, p.hout, p.wout);
-    const int64_t n = idx.n, v = idx.v, u = idx.u, y = idx.y, c = idx.x;
-
-    const AxisTaps<acc_t> ty = axis_taps(g.grid(y, v, g.half_vout), p.nearest);
-    const AxisTaps<acc_t> tx = axis_taps(g.grid(c, u, g.half_uout), p.nearest);
-    const AxisTaps<acc_t> tv = axis_taps(g.cell(v, g.off_v), p.nearest);
-    const AxisTaps<acc_t> tu = axis_taps(g.cell(u, g.off_u), p.nearest);
-    if (p.nearest) {
-      out[index] = static_cast<scalar_t>(fetch(x, p, n, tv.lo, tu.lo, ty.lo, tx.lo, pad));
-      continue;
-    }
-    const int64_t ys[2] = {ty.lo, ty.hi}, xs[2] = {tx.lo, tx.hi}, vs[2] = {tv.lo, tv.hi}, us[2] = {tu.lo, tu.hi};
-    const acc_t wy[2] = {ty.w_lo, ty.w_hi}, wx[2] = {tx.w_lo, tx.w_hi};
-    const acc_t wv[2] = {tv.w_lo, tv.w_hi}, wu[2] = {tu.w_lo, tu.w_hi};
-    acc_t sum = 0;
-#pragma unroll
-    for (int k = 0; k < 16; ++k) {  // term k = (a, b, c, d) = 8a + 4b + 2c + d: y, x, v, u order
-      const int a = k >> 3, b = (k >> 2) & 1, cc = (k >> 1) & 1, d = k & 1;
-      const acc_t term = (((wy[a] * wx[b]) * wv[cc]) * wu[d]) * fetch(x, p, n, vs[cc], us[d], ys[a], xs[b], pad);
-      sum = k == 0 ? term : sum + term;
-    }
-    out[index] = static_cast<scalar_t>(sum);
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void __launch_bounds__(kThreads) align2nat_forward_kernel(index_t total, const scalar_t* __restrict__ x,
+                                                                     scalar_t* __restrict__ out, Align2NatParams p,
+                                                                     Geometry<acc_t> g, acc_t pad) {
+  const index_t step = static_cast<index_t>(blockDim.x) * static_cast<index_t>(gridDim.x);
+  for (index_t index = static_cast<index_t>(blockIdx.x) * static_cast<index_t>(blockDim.x) + static_cast<index_t>(threadIdx.x);
+       index < total; index += step) {
+    out[index] = static_cast<scalar_t>(forward_element<scalar_t, acc_t, index_t>(x, p, g, index, pad));
   }
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void align2nat_backward_kernel(int64_t total, const scalar_t* __restrict__ grad_out,
-                                          scalar_t* __restrict__ grad_x, Align2NatParams p, Geometry<acc_t> g) {
-  const double cell_scale = 1.0 / p.q_vu;
-  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
-       index += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const CellIndex idx = unravel(index, p.vin, p.uin, p.hin, p.win);
-    const int64_t n = idx.n, vi = idx.v, ui = idx.u, yi = idx.y, xi = idx.x;
-
-    acc_t sum = 0;
-    int64_t v_begin, v_end, u_begin, u_end;
-    candidate_range(cell_scale, 0.5 * cell_scale + p.off_v, vi, p.vout, &v_begin, &v_end);
-    candidate_range(cell_scale, 0.5 * cell_scale + p.off_u, ui, p.uout, &u_begin, &u_end);
-    for (int64_t v = v_begin; v < v_end; ++v) {
-      const acc_t wv = axis_taps(g.cell(v, g.off_v), p.nearest).weight_of(vi);
-      if (wv == acc_t(0)) continue;
-      int64_t y_begin, y_end;
-      candidate_range(p.r_hw, p.r_off * ((v + 0.5) - p.vout / 2.0), yi, p.hout, &y_begin, &y_end);
-      for (int64_t u = u_begin; u < u_end; ++u) {
-        const acc_t wu = axis_taps(g.cell(u, g.off_u), p.nearest).weight_of(ui);
-        if (wu == acc_t(0)) continue;
-        int64_t x_begin, x_end;
-        candidate_range(p.r_hw, p.r_off * ((u + 0.5) - p.uout / 2.0), xi, p.wout, &x_begin, &x_end);
-        for (int64_t y = y_begin; y < y_end; ++y) {
-          const acc_t wy = axis_taps(g.grid(y, v, g.half_vout), p.nearest).weight_of(yi);
-          if (wy == acc_t(0)) continue;
-          const scalar_t* go = grad_out + (((n * p.vout + v) * p.uout + u) * p.hout + y) * p.wout;
-          for (int64_t c = x_begin; c < x_end; ++c) {
-            const acc_t wx = axis_taps(g.grid(c, u, g.half_uout), p.nearest).weight_of(xi);
-            if (wx == acc_t(0)) continue;
-            sum += (((wy * wx) * wv) * wu) * static_cast<acc_t>(go[c]);
-          }
-        }
-      }
-    }
-    grad_x[index] = static_cast<scalar_t>(sum);
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void __launch_bounds__(kThreads) align2nat_backward_kernel(index_t total,
+                                                                      const scalar_t* __restrict__ grad_out,
+                                                                      scalar_t* __restrict__ grad_x, Align2NatParams p,
+                                                                      Geometry<acc_t> g, GatherPlan<acc_t> plan) {
+  const index_t step = static_cast<index_t>(blockDim.x) * static_cast<index_t>(gridDim.x);
+  for (index_t index = static_cast<index_t>(blockIdx.x) * static_cast<index_t>(blockDim.x) + static_cast<index_t>(threadIdx.x);
+       index < total; index += step) {
+    grad_x[index] = static_cast<scalar_t>(backward_element<scalar_t, acc_t, index_t>(grad_out, p, g, plan, index));
   }
 }
 
@@ -114,8 +73,14 @@ at::Tensor align2nat_cuda(const at::Tensor& x, at::IntArrayRef in_cells, at::Int
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "align2nat_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t pad = static_cast<acc_t>(static_cast<scalar_t>(pad_val));
-    align2nat_forward_kernel<scalar_t, acc_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
-        out.numel(), xc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), p, Geometry<acc_t>(p), pad);
+    const Geometry<acc_t> g(p);
+    if (fits_int32(out.numel(), xc.numel())) {
+      align2nat_forward_kernel<scalar_t, acc_t, int32_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
+          static_cast<int32_t>(out.numel()), xc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), p, g, pad);
+    } else {
+      align2nat_forward_kernel<scalar_t, acc_t, int64_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
+          out.numel(), xc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), p, g, pad);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -134,8 +99,16 @@ at::Tensor align2nat_backward_cuda(const at::Tensor& grad_out, at::IntArrayRef i
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "align2nat_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    align2nat_backward_kernel<scalar_t, acc_t><<<blocks_for(grad_x.numel()), kThreads, 0, stream>>>(
-        grad_x.numel(), gc.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(), p, Geometry<acc_t>(p));
+    const Geometry<acc_t> g(p);
+    const GatherPlan<acc_t> plan(p);
+    if (fits_int32(grad_x.numel(), gc.numel())) {
+      align2nat_backward_kernel<scalar_t, acc_t, int32_t><<<blocks_for(grad_x.numel()), kThreads, 0, stream>>>(
+          static_cast<int32_t>(grad_x.numel()), gc.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(), p,
+          g, plan);
+    } else {
+      align2nat_backward_kernel<scalar_t, acc_t, int64_t><<<blocks_for(grad_x.numel()), kThreads, 0, stream>>>(
+          grad_x.numel(), gc.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(), p, g, plan);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_x;
