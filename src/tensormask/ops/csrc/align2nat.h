@@ -96,7 +96,7 @@ TM_HOST_DEVICE AxisTaps<acc_t> axis_taps(acc_t c, bool nearest) {
 // open interval (i - 1, i + 1) (bilinear; nearest: [i - 0.5, i + 0.5), inside it). The range is that
 // interval's, widened only by a margin for the rounding of c(t) and of this computation (16 ulps of the
 // magnitudes involved), so it holds every output index that taps i; callers keep the taps of nonzero
-// weight (weight_of). For lambda 2, a cell axis has 2 lambda + 2 = 6 candidates, a spatial one 3.
+// weight (weight_of). For swap with lambda 2 (S 15): 5 candidates on a cell axis, 2 on a spatial one.
 template <typename acc_t>
 TM_HOST_DEVICE void tap_range(acc_t scale, acc_t shift, int64_t i, int64_t n, int64_t* begin, int64_t* end) {
   const acc_t ii = static_cast<acc_t>(i), one(1);
