@@ -283,7 +283,13 @@ class BipyramidMaskHead(MaskHead):
                 up = finest
             else:
                 up = F.interpolate(self.tower(features[level]), scale_factor=2.0**level, mode="bilinear",
-                                   align_corners=False)[:, :, :h2, :w2]
+                                   align_corners=False)
+                if torch.compiler.is_exporting():
+                    # the same crop as a copy: a view's strides would tie the exported graph to one input size
+                    up = up.index_select(2, torch.arange(h2, device=up.device))
+                    up = up.index_select(3, torch.arange(w2, device=up.device))
+                else:
+                    up = up[:, :, :h2, :w2]
             fused = self.fuse(up + finest)
             for a, predictor in enumerate(self.predictors):
                 raw[level][a] = predictor(fused)

@@ -328,7 +328,7 @@ class TensorMask(nn.Module):
                 probs = [probs[j] for j in keep.tolist()]
             kept.append((c.scores[keep], c.labels[keep], c.windows[keep], boxes[keep], probs))
 
-        if self.mask_head is not None and self.nms_boxes == "bb":
+        if self.mask_head is not None and self.nms_boxes == "bb" and masks is None:  # (given: an exported network's)
             all_windows = torch.cat([k[2] for k in kept])
             if all_windows.numel() > 0:
                 masks = self.mask_head(out.features, levels=windows.levels[all_windows].unique().tolist())

@@ -1,0 +1,128 @@
+"""tensormask-export: a trained checkpoint -> a ``torch.export`` program and an AOTInductor package.
+
+    tensormask-export ckpt_path=outputs/train/runs/default/checkpoints/last.ckpt
+    tensormask-export ckpt_path=... aoti=false            # the torch.export program only
+    python -m tensormask.deploy <run folder> photos/       # predict with it (no Hydra, no Lightning)
+
+Writes into the run folder ``program.pt2``, ``model.pt2`` and ``deploy.json`` (see tensormask.deploy).
+The exported network is :class:`tensormask.deploy.InferenceNetwork` (backbone, class / box heads and
+the mask head at every level) for one image; its input height and width are dynamic (multiples of the
+model's size divisibility, over 128 px: P7 at least 2 cells; the runner pads smaller images to 160 px). The align2nat ops are not in it: inference decodes masks only at the kept windows, in
+the post-processing (pure PyTorch); their fake kernels (tensormask/ops/backend.py) make them
+exportable for models that call them densely.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tensormask import framework  # noqa: F401  (registers the config resolvers)
+from tensormask.deploy import DEPLOY_JSON, PACKAGE_FILE, PROGRAM_FILE, InferenceNetwork
+from tensormask.errors import UserError
+from tensormask.framework.builders import build_model, find_run_config, load_model_weights
+from tensormask.framework.entry import config_dir
+
+log = logging.getLogger(__name__)
+
+
+def export_program(model: torch.nn.Module, example_size: tuple[int, int], max_size: int = 2048,
+                   device: str = "cpu") -> torch.export.ExportedProgram:
+    """``torch.export`` of the model's inference network, height and width dynamic (multiples of
+    ``model.size_divisibility``, up to ``max_size``)."""
+    network = InferenceNetwork(model).to(device).eval()
+    d = int(model.size_divisibility)
+    h, w = (int(s) for s in example_size)
+    if h % d or w % d or min(h, w) <= max(model.strides):
+        raise UserError(f"example_size={list(example_size)}: must be multiples of the size divisibility {d} "
+                        f"and over {max(model.strides)} px (P7 at least 2 cells)")
+    images = torch.zeros(1, 3, h, w, device=device)
+    lo = max(model.strides) // d + 1
+    shapes = {"images": {2: torch.export.Dim("rows", min=lo, max=max_size // d) * d,
+                         3: torch.export.Dim("cols", min=lo, max=max_size // d) * d}}
+    with torch.no_grad():
+        return torch.export.export(network, (images,), dynamic_shapes=shapes)
+
+
+def deploy_metadata(run_cfg: DictConfig, model: torch.nn.Module, classes: dict[str, Any]) -> dict[str, Any]:
+    """deploy.json: the model's constructor arguments (for the weightless decoder), layout, pre-processing."""
+    model_cfg = OmegaConf.to_container(run_cfg.model, resolve=True)
+    if isinstance(model_cfg.get("backbone"), dict) and "weights" in model_cfg["backbone"]:
+        model_cfg["backbone"]["weights"] = None  # the decoder runs no layer; ImageNet files are not needed
+    test = OmegaConf.to_container(run_cfg.data.test_transforms, resolve=True)
+    min_size = test["min_size"]
+    if isinstance(min_size, list):
+        min_size = max(min_size)
+    num_classes = int(run_cfg.data.num_classes)
+    contiguous_to_coco = classes.get("contiguous_to_coco", list(range(1, num_classes + 1)))
+    return {
+        "model": model_cfg,
+        "layout": InferenceNetwork(model).layout(),
+        "preprocess": {"min_size": int(min_size), "max_size": int(test["max_size"]),
+                       "size_divisibility": int(model.size_divisibility),
+                       "min_padded_size": (max(model.strides) // int(model.size_divisibility) + 1)
+                       * int(model.size_divisibility), "pixel_mean": list(model.pixel_mean),
+                       "pixel_std": list(model.pixel_std), "bgr": str(model.input_format).upper() == "BGR"},
+        "classes": {"contiguous_to_coco": contiguous_to_coco,
+                    "class_names": classes.get("class_names", [str(c) for c in contiguous_to_coco])},
+    }
+
+
+def write_export(model: torch.nn.Module, metadata: dict[str, Any], out_dir: str | Path,
+                 example_size: tuple[int, int] = (512, 512), max_size: int = 2048, aoti: bool = True,
+                 device: str = "cpu") -> dict[str, Path]:
+    """Export ``model`` into ``out_dir``: program.pt2, (aoti) model.pt2, deploy.json. Returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    program = export_program(model, example_size, max_size, device)
+    paths = {"program": out_dir / PROGRAM_FILE, "deploy": out_dir / DEPLOY_JSON}
+    torch.export.save(program, str(paths["program"]))
+    if aoti:
+        paths["package"] = out_dir / PACKAGE_FILE
+        torch._inductor.aoti_compile_and_package(program, package_path=str(paths["package"]))
+    paths["deploy"].write_text(json.dumps(metadata, indent=1))
+    return paths
+
+
+def export(cfg: DictConfig) -> dict[str, Path]:
+    ckpt = Path(str(cfg.ckpt_path))
+    if not ckpt.is_file():
+        raise UserError(f"ckpt_path={ckpt}: no such checkpoint file")
+    run_config = find_run_config(ckpt)
+    if run_config is None:
+        raise UserError(f"no config.yaml beside {ckpt}: cannot rebuild the model of this checkpoint")
+    if str(cfg.device) not in ("cpu", "cuda"):
+        raise UserError(f"device={cfg.device}: expected cpu or cuda")
+    if str(cfg.device) == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda: no CUDA device here")
+    run_cfg = OmegaConf.load(run_config)
+    model = build_model(run_cfg)
+    if not hasattr(model, "mask_head") or not hasattr(model, "window_sizes"):
+        raise UserError(f"{run_config}: model {run_cfg.model.get('_target_')} is not a TensorMask; only TensorMask "
+                        "models are exported")
+    load_model_weights(model, ckpt)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    metadata = deploy_metadata(run_cfg, model, state.get("classes") or {})
+    paths = write_export(model, metadata, cfg.paths.output_dir, tuple(cfg.example_size), int(cfg.max_size),
+                         bool(cfg.aoti), str(cfg.device))
+    print("tensormask-export:\n" + "\n".join(f"  {k + ':':<9} {v}" for k, v in paths.items()), flush=True)
+    return paths
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
+def _hydra_main(cfg: DictConfig) -> None:
+    export(cfg)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
