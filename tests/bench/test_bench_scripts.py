@@ -63,3 +63,13 @@ def test_bench_model_prints_timings_and_memory():
         tm, mrcnn, ratio = (float(v) for v in line[len(label):].split())
         assert tm > 0 and mrcnn > 0 and ratio == pytest.approx(tm / mrcnn, rel=0.02, abs=0.01)
     assert re.search(r"infer\s+TensorMask\s+\d+ ->\s+\d+\s+Mask R-CNN\s+\d+ ->\s+\d+\s+peak ratio [\d.]+", out)
+
+
+@pytest.mark.slow
+def test_bench_export_times_eager_and_the_program():
+    out = _run("bench_export.py", "--sizes", "160", "--no-aoti", "--repeats", "1", "--threads", "1")
+    assert "load (s): program" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("| 160x160 |")]
+    eager, program, ratio, dets = (cell.strip() for cell in row.strip().strip("|").split("|")[1:])
+    assert float(eager) > 0 and float(program) > 0 and int(dets) >= 0
+    assert float(ratio) == pytest.approx(float(program) / float(eager), rel=0.02, abs=0.01)
