@@ -73,3 +73,14 @@ def test_bench_export_times_eager_and_the_program():
     eager, program, ratio, dets = (cell.strip() for cell in row.strip().strip("|").split("|")[1:])
     assert float(eager) > 0 and float(program) > 0 and int(dets) >= 0
     assert float(ratio) == pytest.approx(float(program) / float(eager), rel=0.02, abs=0.01)
+
+
+@pytest.mark.slow
+def test_bench_step_breakdown_prints_every_part():
+    out = _run("bench_step_breakdown.py", "--size", "96", "--repeats", "1")
+    for which in ("tensormask", "maskrcnn"):
+        line = next(line for line in out.splitlines() if line.startswith(f"== {which}, 96x96"))
+        step, both, fwd = (float(v) for v in re.findall(r"([\d.]+) (?:s CPU|GFLOP)", line))
+        assert step > 0 and both > fwd > 0
+    for part in ("class tower + predictor", "mask head", "RPN", "RoI heads", "losses (assignment"):
+        assert re.search(re.escape(part) + r".*\d", out), part
