@@ -1,4 +1,8 @@
-"""Builds the align2nat extension `tensormask._C`.
+"""Builds the align2nat extension `tensormask._C`, and ships the configs inside the package.
+
+`conf/` and `sweeps/` stay at the top level of the repository (where people edit them); a wheel
+carries them as `tensormask/conf` and `tensormask/sweeps`, where `tensormask.framework.entry`
+finds them after a plain (non-editable) `pip install .`. An editable install reads them in place.
 
 The build is switched explicitly, never guessed from the machine:
   TENSORMASK_CUDA=1        also compile the CUDA kernels (needs CUDA_HOME / nvcc); 0 = CPU only (default)
@@ -8,9 +12,11 @@ The build is switched explicitly, never guessed from the machine:
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("src", "tensormask", "ops", "csrc")
@@ -68,5 +74,23 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
+DATA_FOLDERS = ("conf", "sweeps")
+
+
+class BuildPyWithConfigs(build_py):
+    """build_py that also copies the top-level config folders into the package (not for editable
+    installs: those read the checkout's folders)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        for name in DATA_FOLDERS:
+            target = os.path.join(self.build_lib, "tensormask", name)
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(os.path.join(HERE, name), target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
 ext_modules, cmdclass = _extensions()
+cmdclass = {**cmdclass, "build_py": BuildPyWithConfigs}
 setup(ext_modules=ext_modules, cmdclass=cmdclass, options={"bdist_wheel": {"py_limited_api": "cp310"}})

@@ -8,3 +8,7 @@ that names the culprit (key, file, value) and the fix.
 
 class UserError(Exception):
     """A mistake in the user's input; the message names the culprit and the fix."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist (or lacks what it should hold)."""

@@ -1,13 +1,14 @@
 """tensormask-eval: evaluate a checkpoint on a dataset's validation split; print and save the metrics.
 
-    tensormask-eval ckpt_path=outputs/train/runs/default/checkpoints/last.ckpt
+    tensormask-eval ckpt_path=outputs/train/latest               # the newest training run's last.ckpt
+    tensormask-eval ckpt_path=outputs/train/runs/<run>/checkpoints/step0000100.ckpt per_category=true
     tensormask-eval ckpt_path=... data=coco                      # another dataset than the run's
     tensormask-eval experiment=r50_1x ckpt_path=model_final.pkl  # a detectron2 checkpoint
 
 A Lightning checkpoint's model (and, unless the command line sets `data`, its data) are rebuilt
 from the `config.yaml` saved beside it; a detectron2 `.pkl` is loaded into this config's model
-through `tensormask.modeling.detectron2_import`. Writes `<run folder>/metrics.json` and the COCO
-results JSON.
+through `tensormask.modeling.detectron2_import`. Writes `metrics.json` and the COCO results JSON
+into outputs/eval/<checkpoint>/<settings>/, one folder per checkpoint and evaluation settings.
 """
 
 from __future__ import annotations
@@ -25,23 +26,35 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from tensormask import framework  # noqa: F401  (registers the config resolvers)
+from tensormask.errors import MissingFileError, UserError
 from tensormask.framework.builders import (
     build_datamodule, build_model, build_module, build_trainer, find_run_config, instantiate_list, load_model_weights,
 )
-from tensormask.framework.checkpoint_io import atomic_write_json
-from tensormask.framework.entry import command_overrides, config_dir, metrics_table, quiet_known_warnings
-from tensormask.framework.validation import validate_config
+from tensormask.framework.checkpoint_io import atomic_write_json, checkpoint_file
+from tensormask.framework.entry import (
+    command_overrides, config_dir, link_latest, metrics_table, quiet_known_warnings, run_main, short_user_errors,
+)
+from tensormask.framework.validation import check_environment, validate_config
 
 log = logging.getLogger(__name__)
 
 
-def merge_run_config(cfg: DictConfig, run_cfg: DictConfig, overrides: list[str]) -> DictConfig:
+def merge_run_config(cfg: DictConfig, run_config: str | Path, overrides: list[str]) -> DictConfig:
     """`cfg` with the model (and the data, unless `overrides` choose another `data=...`) of the
-    training run; `model.*` / `data.*` overrides on the command line apply on top."""
-    other_data = any(o.lstrip("+").startswith("data=") for o in overrides)
+    training run. Hydra composes them from the run's saved config (`run_config`, the config.yaml
+    beside its checkpoints) with the command line's `model.*` / `data.*` overrides, so those follow
+    Hydra's override grammar and an unknown key is an error, as on the training command line."""
+    keys = {o: o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    other_data = any(k == "data" for k in keys.values())
+    for override, key in keys.items():
+        if key.startswith("model/") or key == "model":
+            raise UserError(f"{override}: the model of a checkpoint is the one it was trained with; only its "
+                            "keys (e.g. model.score_threshold=0.3) can change at evaluation")
+    wanted = [o for o, k in keys.items() if k.startswith("model.") or (k.startswith("data.") and not other_data)]
+    run_cfg = compose_saved_config(Path(run_config), wanted)
     merged = cfg.copy()
     with open_dict(merged):
         merged.model = run_cfg.model
@@ -49,35 +62,45 @@ def merge_run_config(cfg: DictConfig, run_cfg: DictConfig, overrides: list[str])
             merged.mode = run_cfg.mode
         if not other_data:
             merged.data = run_cfg.data
-        for o in overrides:
-            key, _, value = o.lstrip("+").partition("=")
-            if key.startswith("model.") or (key.startswith("data.") and not other_data):
-                OmegaConf.update(merged, key, _yaml_value(value), force_add=True)
     return merged
 
 
-def _yaml_value(text: str) -> Any:
-    import yaml
+def compose_saved_config(path: Path, overrides: list[str]) -> DictConfig:
+    """Hydra's compose API on a run's saved config (a primary config with no defaults list), from
+    inside the running Hydra app: its global state is set aside for the call and restored."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
-    return yaml.safe_load(text)
+    global_hydra = GlobalHydra.instance()
+    running, hydra_cfg = global_hydra.hydra, HydraConfig.instance().cfg
+    global_hydra.clear()
+    try:
+        with initialize_config_dir(config_dir=str(path.parent.resolve()), version_base="1.3"):
+            return compose(config_name=path.stem, overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+        if running is not None:
+            GlobalHydra.instance().initialize(running)
+        HydraConfig.instance().cfg = hydra_cfg
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluate `cfg.ckpt_path`; returns (metrics, objects) as `train` does."""
-    ckpt = Path(str(cfg.ckpt_path))
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt}: no such checkpoint file")
+    ckpt = checkpoint_file(str(cfg.ckpt_path))
     overrides = command_overrides(cfg)
     if ckpt.suffix != ".pkl":
         run_config = find_run_config(ckpt)
         if run_config is None:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no config.yaml beside {ckpt} (or in its parent folder): cannot rebuild the model of this checkpoint"
             )
-        cfg = merge_run_config(cfg, OmegaConf.load(run_config), overrides)
+        cfg = merge_run_config(cfg, run_config, overrides)
     validate_config(cfg)
+    check_environment(cfg)
     quiet_known_warnings()
     run_dir = Path(cfg.paths.output_dir)
+    link_latest(run_dir, Path(cfg.paths.log_dir) / str(cfg.task_name))
     t0 = time.monotonic()
     model = build_model(cfg)
     source = load_model_weights(model, ckpt)
@@ -103,12 +126,13 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+@short_user_errors("tensormask-eval")
 def _hydra_main(cfg: DictConfig) -> None:
     evaluate(cfg)
 
 
 def main() -> None:
-    _hydra_main()
+    run_main(_hydra_main, "tensormask-eval", "eval", __doc__)
 
 
 if __name__ == "__main__":

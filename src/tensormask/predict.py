@@ -1,14 +1,15 @@
 """tensormask-predict: images in; pictures with the predicted masks and a COCO results JSON out.
 
-    tensormask-predict ckpt_path=outputs/train/runs/default/checkpoints/last.ckpt input=photo.jpg
-    tensormask-predict ckpt_path=... input=some/folder draw_score_threshold=0.3
+    tensormask-predict ckpt_path=outputs/train/latest input=photo.jpg
+    tensormask-predict ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt input=some/folder
+    tensormask-predict ckpt_path=outputs/train/latest input=some/folder draw_score_threshold=0.3
 
 The model is rebuilt from the `config.yaml` saved beside the checkpoint and the images are resized
-and normalised as in the run's evaluation. Writes `<run folder>/pictures/<image name>.png` and
-`<run folder>/predictions.json` (COCO results: image_id = the image's index in sorted order) and
-`<run folder>/images.json` (those ids' file names, the categories, and the files skipped as
-unreadable). It runs as `trainer.predict` (the module's `predict_step`) with a `PredictionWriter`
-callback writing the outputs batch by batch.
+and normalised as in the run's evaluation. Writes, into outputs/predict/<checkpoint>/<settings>/
+(one folder per checkpoint and settings), `pictures/<image name>.png`, `predictions.json` (COCO
+results: image_id = the image's index in sorted order) and `images.json` (those ids' file names,
+the categories, and the files skipped as unreadable). It runs as `trainer.predict` (the module's
+`predict_step`) with a `PredictionWriter` callback writing the outputs batch by batch.
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from tensormask import framework  # noqa: F401  (registers the config resolvers)
 from tensormask.data.images import IMAGE_SUFFIXES, ImageFiles
-from tensormask.errors import UserError
+from tensormask.errors import MissingFileError, UserError
 from tensormask.framework.builders import (
     build_model, build_module, build_trainer, find_run_config, instantiate_list, load_model_weights,
 )
 from tensormask.framework.callbacks import PredictionImages, PredictionWriter
-from tensormask.framework.checkpoint_io import read_checkpoint
-from tensormask.framework.entry import config_dir, quiet_known_warnings
+from tensormask.framework.checkpoint_io import checkpoint_file, read_checkpoint
+from tensormask.framework.entry import config_dir, link_latest, quiet_known_warnings, run_main, short_user_errors
 from tensormask.framework.loggers import finish_wandb
+from tensormask.framework.validation import check_environment
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,9 @@ def list_images(path: str | Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise FileNotFoundError(f"input={path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            raise MissingFileError(f"input={path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         return files
-    raise FileNotFoundError(f"input={path}: no such file or folder")
+    raise MissingFileError(f"input={path}: no such file or folder")
 
 
 class SkipUnreadable:
@@ -75,12 +77,11 @@ def predict(cfg: DictConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from tensormask.data import Collator, build_transforms
     from tensormask.framework.datamodule import _transform_kwargs
 
-    ckpt = Path(str(cfg.ckpt_path))
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt}: no such checkpoint file")
+    check_environment(cfg)
+    ckpt = checkpoint_file(str(cfg.ckpt_path))
     run_config = find_run_config(ckpt)
     if run_config is None:
-        raise FileNotFoundError(f"no config.yaml beside {ckpt}: cannot rebuild the model of this checkpoint")
+        raise MissingFileError(f"no config.yaml beside {ckpt}: cannot rebuild the model of this checkpoint")
     quiet_known_warnings()
     run_cfg = OmegaConf.load(run_config)
     model = build_model(run_cfg)
@@ -103,6 +104,7 @@ def predict(cfg: DictConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                         collate_fn=SkipUnreadable(collate))
 
     out_dir = Path(cfg.paths.output_dir)
+    link_latest(out_dir, Path(cfg.paths.log_dir) / str(cfg.task_name))
     writer = PredictionWriter(out_dir, dataset, contiguous_to_coco, class_names, float(cfg.draw_score_threshold))
     # logger=wandb: the first `wandb_images` pictures also go to W&B, with mask and box overlays
     loggers = instantiate_list(cfg.get("logger"))
@@ -132,12 +134,13 @@ def predict(cfg: DictConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
+@short_user_errors("tensormask-predict")
 def _hydra_main(cfg: DictConfig) -> None:
     predict(cfg)
 
 
 def main() -> None:
-    _hydra_main()
+    run_main(_hydra_main, "tensormask-predict", "predict", __doc__)
 
 
 if __name__ == "__main__":

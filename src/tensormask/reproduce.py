@@ -251,7 +251,14 @@ USAGE = """usage: tensormask-reproduce table=<name>|all [scale=mini|paper] [seed
 
 Runs the rows of the paper's tables (one Hydra multirun; rows that train the same network share
 one run) and writes results/<table>.md and .csv beside the paper's numbers.
-Tables: {tables}. All options: conf/reproduce.yaml; docs/reproduce.md."""
+Tables: {tables}. All options: conf/reproduce.yaml; docs/reproduce.md.
+
+examples:
+  tensormask-reproduce table=table2c scale=mini                 # synthetic data, minutes per run on a CPU
+  tensormask-reproduce table=table2c rows=[tensor_bipyramid]    # only this row (the table lists all)
+  tensormask-reproduce table=all scale=paper dry_run=true       # the plan: each row's run, shared trainings, cost
+  tensormask-reproduce table=table4 scale=paper launcher=slurm  # COCO and the paper's schedules, on SLURM
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,6 +274,14 @@ def main(argv: list[str] | None = None) -> int:
         results = reproduce(cfg)
     except (UserError, FileNotFoundError, KeyError, ValueError) as err:  # an unknown table, row or scale; a stale run
         print(f"tensormask-reproduce: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # an unknown key, a bad override: a short message, unless HYDRA_FULL_ERROR=1
+        from tensormask.framework.entry import full_errors_wanted, user_error_message
+
+        message = None if full_errors_wanted() else user_error_message(err)
+        if message is None:
+            raise
+        print(f"tensormask-reproduce: error: {message}", file=sys.stderr)
         return 2
     if cfg.dry_run:
         return 0

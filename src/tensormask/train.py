@@ -1,11 +1,16 @@
 """tensormask-train: train, then evaluate on the validation set.
 
 With no arguments: the quickstart (a small TensorMask on the synthetic dataset, on the CPU), ending
-with the bbox and segm AP table. Everything is a Hydra override, e.g.
+with the bbox and segm AP table and the commands that evaluate and run its checkpoint. Every key
+and group is a Hydra override:
 
-    tensormask-train experiment=r50_1x trainer=gpu data=coco
-    tensormask-train ckpt_path=last          # resume the run of this same command
-    tensormask-train -m model/mask_head=natural,aligned   # a sweep (hydra/launcher=submitit_slurm on SLURM)
+    tensormask-train debug=fast_dev_run                   # smoke run: one step + one evaluation batch
+    tensormask-train experiment=r50_1x data=coco trainer=gpu
+    tensormask-train ckpt_path=last                       # resume the run of this same command
+    tensormask-train -m model/mask_head=natural,aligned   # a sweep (hydra/launcher=slurm on SLURM)
+
+Runs land in outputs/train/runs/<name>/ (outputs/train/latest points at the newest); see
+docs/framework.md#where-outputs-land.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import logging  # noqa: E402
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -34,10 +40,13 @@ from tensormask.framework.builders import (
 from tensormask.framework.checkpoint_io import (
     checkpoint_step, find_resume_checkpoint, remove_orphans, resolve_ckpt_path,
 )
-from tensormask.framework.entry import command_overrides, config_dir, metrics_table, quiet_known_warnings, to_plain
+from tensormask.framework.entry import (
+    command_overrides, config_dir, entry_command, link_latest, metrics_table, quiet_known_warnings, run_main,
+    short_user_errors, to_plain,
+)
 from tensormask.framework.loggers import RunCSVLogger, wandb_info
 from tensormask.framework.run_summary import RunSummary
-from tensormask.framework.validation import validate_config
+from tensormask.framework.validation import check_environment, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +59,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     Writes `<paths.output_dir>/run_summary.json` (status running -> finished / failed).
     """
     validate_config(cfg)
+    check_environment(cfg)
     quiet_known_warnings()
     run_dir = Path(cfg.paths.output_dir)
     ckpt_dir = Path(cfg.paths.checkpoint_dir)
+    if cfg.get("ckpt_path") not in (None, "", "null", "last"):
+        resolve_ckpt_path(cfg.ckpt_path, ckpt_dir)  # a missing or damaged checkpoint fails before any work
     rank_zero = rank_zero_only.rank == 0
+    if rank_zero:
+        link_latest(run_dir, Path(cfg.paths.log_dir) / str(cfg.task_name))
     summary = RunSummary(run_dir, command_overrides(cfg), enabled=rank_zero)
     summary.update(status="running")
     loggers: list[Any] = []
@@ -84,13 +98,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                              verbose=False)
             metrics = module.last_metrics
         summary.update(status="finished", metrics=metrics, steps=int(trainer.global_step), wandb=wandb_info(loggers))
-        if trainer.is_global_zero:
-            print(_final_report(cfg, metrics, trainer, time.monotonic() - t0, ckpt_dir, loggers), flush=True)
+        report = _final_report(cfg, metrics, trainer, time.monotonic() - t0, ckpt_dir, loggers, datamodule)
     except BaseException as e:
         summary.update(status="failed", error=f"{type(e).__name__}: {e}")
         raise
     finally:
         _finish_wandb(loggers)
+    if trainer.is_global_zero:  # last, after W&B's own summary: the AP table and what to run next
+        print(report, flush=True)
     objects = {"cfg": cfg, "model": model, "datamodule": datamodule, "module": module, "trainer": trainer,
                "loggers": loggers}
     return metrics, objects
@@ -148,15 +163,22 @@ def _finish_wandb(loggers: list[Any]) -> None:
             wandb.finish()
 
 
-def _final_report(cfg, metrics, trainer, seconds, ckpt_dir, loggers) -> str:
+def _final_report(cfg, metrics, trainer, seconds, ckpt_dir, loggers, datamodule) -> str:
     lines = ["", "=" * 78, f"tensormask-train finished: {trainer.global_step} steps in {seconds / 60:.1f} min"]
     lines.append(f"  run folder:   {cfg.paths.output_dir}")
-    last = Path(ckpt_dir) / "last.ckpt"
-    if last.is_file():
-        lines.append(f"  checkpoint:   {last}  (resume: same command + ckpt_path=last)")
     info = wandb_info(loggers)
     if info and info.get("mode") == "offline" and info.get("dir"):
         lines.append(f"  W&B (offline): wandb sync {Path(info['dir']).parent}")
+    last = Path(ckpt_dir) / "last.ckpt"
+    if last.is_file():
+        run = shlex.quote(str(cfg.paths.output_dir))
+        try:
+            images = datamodule.dataset_paths()["val_images"] or "<an image or a folder>"
+        except Exception:  # noqa: BLE001 - only a suggestion
+            images = "<an image or a folder>"
+        lines += [f"  checkpoint:   {last}  (resume: the same command + ckpt_path=last)", "", "next:",
+                  f"  {entry_command('eval')} ckpt_path={run}",
+                  f"  {entry_command('predict')} ckpt_path={run} input={shlex.quote(str(images))}"]
     if metrics:
         lines += ["", "COCO evaluation on the validation set (AP in %):", metrics_table(metrics)]
         for task in ("bbox", "segm"):
@@ -167,6 +189,7 @@ def _final_report(cfg, metrics, trainer, seconds, ckpt_dir, loggers) -> str:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+@short_user_errors("tensormask-train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     metrics, _ = train(cfg)
     objective = cfg.get("optimized_metric")
@@ -177,7 +200,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    _hydra_main()
+    run_main(_hydra_main, "tensormask-train", "train", __doc__)
 
 
 if __name__ == "__main__":

@@ -84,3 +84,10 @@ def test_bench_step_breakdown_prints_every_part():
         assert step > 0 and both > fwd > 0
     for part in ("class tower + predictor", "mask head", "RPN", "RoI heads", "losses (assignment"):
         assert re.search(re.escape(part) + r".*\d", out), part
+
+
+@pytest.mark.slow
+def test_bench_smoke_times_the_readme_smoke_run():
+    out = _run("bench_smoke.py", "--repeats", "1")
+    assert re.search(r"^run 1: [\d.]+ s  \(load average before: [\d.]+\)$", out, re.M), out
+    assert re.search(r"smoke run median: [\d.]+ s over 1 run\(s\)", out), out

@@ -194,24 +194,68 @@ def test_unknown_group_option_names_the_group_and_the_choices():
     [
         ("data.global_batch_size=0", "data.global_batch_size", ">= 1"),
         ("trainer.max_steps=-5", "trainer.max_steps", ">= 1"),
+        ("trainer.max_steps=abc", "trainer.max_steps", "an integer"),
         ("trainer.precision=17", "trainer.precision", "bf16-mixed"),
         ("module.base_lr=-0.1", "module.base_lr", "> 0"),
         ("module.channels_last=nhwc", "module.channels_last", "true or false"),
-        ("model.mode=fulll", "model.mode", "full, box_only, mask_only"),
-        ("model.backbone.norm=LN", "model.backbone.norm", "FrozenBN, GN, BN"),
-        ("model.backbone.depth=42", "model.backbone.depth", "18, 34, 50, 101"),
-        ("model.nms_boxes=masks", "model.nms_boxes", "bb, mask-bb"),
         ("data.train_transforms.flip_prob=1.5", "data.train_transforms.flip_prob", "[0.0, 1.0]"),
         ("module.evaluator.backend=fast", "module.evaluator.backend", "pycocotools, faster_coco_eval"),
-        ("model/mask_head=upscale_aligned", "model.mask_head.lambda_val", ">= 1.0"),
+        ("+model.mask_hed=3", "model.mask_hed", "did you mean mask_head"),
+        ("seed=-1", "seed", ">= 0"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(tmp_path, override, key, allowed):
-    extra = ["model.mask_head.lambda_val=0.5"] if "upscale" in override else []
-    cfg = compose_config("train", [override, *extra], tmp_path)
+    cfg = compose_config("train", [override], tmp_path)
     with pytest.raises(ConfigError) as info:
         validate_config(cfg)
     assert key in str(info.value) and allowed in str(info.value)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "bf16-true", "32-true", "32", "64-true", "16-true"])
+def test_precision_takes_lightnings_names(tmp_path, precision):
+    validate_config(compose_config("train", [f"trainer.precision={precision}"], tmp_path))
+
+
+@pytest.mark.parametrize(
+    "override, key, allowed",
+    [
+        ("model.mode=fulll", "model", "full"),
+        ("model.backbone.norm=LN", "model.backbone", "FrozenBN"),
+        ("model.backbone.depth=42", "model.backbone", "18, 34, 50, 101"),
+        ("model.nms_boxes=masks", "model", "bb"),
+        ("model/mask_head=upscale_aligned model.mask_head.lambda_val=0.5", "model.mask_head", "lambda_val must be >= 1"),
+    ],
+)
+def test_values_the_constructors_refuse_end_in_a_short_message(tmp_path, override, key, allowed):
+    from hydra.errors import InstantiationException
+
+    from tensormask.framework.builders import build_model
+    from tensormask.framework.entry import user_error_message
+
+    cfg = compose_config("train", override.split(), tmp_path)
+    validate_config(cfg)  # not repeated here: the constructor checks it
+    with pytest.raises(InstantiationException) as info:
+        build_model(cfg)
+    message = user_error_message(info.value)
+    assert message.startswith(f"{key}: ") and allowed in message and "\n" not in message
+
+
+def test_every_range_rule_names_a_parameter_of_its_target():
+    from tensormask.framework import validation
+
+    validation.check_rule_names()
+    validation.ARG_RULES["tensormask.modeling.TensorMask"]["score_treshold"] = validation._float(0.0, 1.0)
+    try:
+        with pytest.raises(RuntimeError, match="score_treshold"):
+            validation.check_rule_names()
+    finally:
+        del validation.ARG_RULES["tensormask.modeling.TensorMask"]["score_treshold"]
+
+
+def test_a_renamed_key_is_an_unknown_key_not_an_unchecked_one(tmp_path):
+    cfg = compose_config("train", ["+data.global_batch=0"], tmp_path)
+    with pytest.raises(ConfigError, match=r"data.global_batch: .*takes no argument 'global_batch'.*global_batch_size"):
+        validate_config(cfg)
 
 
 def test_batch_must_split_over_processes(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -72,8 +73,13 @@ def test_warmup_multistep():
     assert scaled_lr(0.02, 2, base_batch_size=16) == pytest.approx(0.0025)
 
 
-def test_run_names():
-    assert run_name("") == "default"
-    assert run_name("seed=1,model/mask_head=natural") == "seed=1,model_mask_head=natural"
-    long = run_name("x=" + "a" * 300)
-    assert len(long) <= 120 and long != run_name("x=" + "a" * 299)
+def test_run_names_are_short_shell_safe_and_stable():
+    assert run_name([]) == "default"
+    name = run_name(["seed=1", "model/mask_head=natural", "module.milestones=[340,380]", "logger=csv"], ["logger"])
+    assert re.fullmatch(r"[A-Za-z0-9._+-]+", name) and name.startswith("mask_head-natural+milestones-340-380+seed-1_")
+    assert name == run_name(["logger=csv", "module.milestones=[340,380]", "model/mask_head=natural", "seed=1"],
+                            ["logger"])  # the order of the overrides does not matter; excluded keys do not count
+    assert name != run_name(["seed=2", "model/mask_head=natural", "module.milestones=[340,380]"])
+    long = run_name(["data.root=" + "a" * 300])
+    assert len(long) <= 70 and long != run_name(["data.root=" + "a" * 299])
+    assert re.fullmatch(r"[A-Za-z0-9._+-]+", run_name(["data.root='/my data/coco'", "tags=[a,b]"]))

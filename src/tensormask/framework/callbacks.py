@@ -53,6 +53,12 @@ class StepProgressBar(TQDMProgressBar):
             bar.refresh()
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
 
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The logged values, without the logger's version number (`v_num`: not the user's business)."""
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
     def _should_update(self, current: int, total: int | float | None) -> bool:
         return self.is_enabled and (current % self.refresh_rate == 0 or current == total)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -28,7 +29,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from tensormask.errors import UserError
+from tensormask.errors import MissingFileError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give
         with os.fdopen(fd, "wb") as f:
             recording = _RecordingFile(f)
             write(recording)
@@ -119,12 +121,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             os.unlink(tmp)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+def strict_json(obj: Any) -> Any:
+    """`obj` with every NaN / infinity replaced by None (null): JSON has no such numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+    """Strict JSON (a NaN metric is written as null), readable by any JSON parser."""
+    text = json.dumps(strict_json(obj), indent=2, default=str, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def remove_orphans(directory: str | os.PathLike) -> list[Path]:
@@ -219,17 +240,33 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str | os.PathLike) 
     """The checkpoint a run starts from.
 
     None/"" -> None (fresh). "last" -> the newest complete checkpoint of `checkpoint_dir`
-    (`find_resume_checkpoint`; None: a fresh start). A path must exist and load
-    (FileNotFoundError / `DamagedCheckpointError` otherwise)."""
+    (`find_resume_checkpoint`; None: a fresh start). A run folder (or a `latest` link) -> its
+    last.ckpt (`checkpoint_file`). A path must exist and load (`MissingFileError` /
+    `DamagedCheckpointError` otherwise)."""
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "last":
         path, _ = find_resume_checkpoint(checkpoint_dir)
         return str(path) if path is not None else None
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    checkpoint_step(ckpt_path)
-    return str(ckpt_path)
+    path = checkpoint_file(ckpt_path)
+    checkpoint_step(path)
+    return str(path)
+
+
+def checkpoint_file(ckpt_path: str | os.PathLike) -> Path:
+    """The checkpoint file `ckpt_path` names: a file, or a run folder / its `checkpoints/` folder
+    (-> `last.ckpt` in it). Raises `MissingFileError` naming the path when there is none."""
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / LAST, path / LAST):
+            if candidate.is_file():
+                return candidate
+        raise MissingFileError(f"ckpt_path={ckpt_path}: this folder holds no checkpoints/last.ckpt (nor "
+                               "last.ckpt); give a .ckpt file or a training run's folder")
+    if not path.is_file():
+        raise MissingFileError(f"ckpt_path={ckpt_path}: no such checkpoint file or run folder; give an existing "
+                               ".ckpt (or .pkl) file or a training run's folder (e.g. outputs/train/latest)")
+    return path
 
 
 # -- Lightning ---------------------------------------------------------------------------------

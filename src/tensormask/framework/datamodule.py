@@ -101,14 +101,29 @@ class DetectionDataModule(L.LightningDataModule):
         if self.synthetic is not None:
             from tensormask.data import make_synthetic_coco
 
-            make_synthetic_coco(**self.synthetic)
+            make_synthetic_coco(**self._synthetic_kwargs())
+
+    def _synthetic_kwargs(self) -> dict[str, Any]:
+        """The synthetic set's arguments; a `fast_dev_run` of N batches (a smoke run) gets a set of
+        just the images those batches read, not the full set (which takes a minute to draw)."""
+        kwargs = dict(self.synthetic or {})
+        batches = getattr(self.trainer, "fast_dev_run", 0) if self.trainer is not None else 0
+        if batches:
+            images = int(batches) * max(self.global_batch_size, self.eval_batch_size)
+            for key in ("num_train", "num_val"):
+                kwargs[key] = min(int(kwargs.get(key, images)), images)
+        return kwargs
+
+    def dataset_paths(self) -> dict[str, str]:
+        """The dataset's image folders and annotation files (the synthetic set's: written if needed)."""
+        return self._resolve_paths()
 
     def _resolve_paths(self) -> dict[str, str]:
         if self.synthetic is None:
             return dict(self.paths)
         from tensormask.data import make_synthetic_coco
 
-        info = make_synthetic_coco(**{**self.synthetic, "progress": False})
+        info = make_synthetic_coco(**{**self._synthetic_kwargs(), "progress": False})
         return {k: info[k] for k in self.paths}
 
     def setup(self, stage: str | None = None) -> None:

@@ -31,7 +31,6 @@ modes), and one row per job keeps the paper's numbers next to the run that repro
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,15 +43,11 @@ SCALES = ("mini", "paper")
 TABLES = ("table1", "table2a", "table2b", "table2c", "table2d", "table3", "table4", "table5")
 
 
-def repo_root() -> Path:
-    """The checkout this package runs from (``src/tensormask/tables/spec.py`` -> the repository)."""
-    return Path(__file__).resolve().parents[3]
-
-
 def default_sweeps_dir() -> Path:
-    """``$TENSORMASK_SWEEPS`` if set, else ``<repository>/sweeps``."""
-    env = os.environ.get("TENSORMASK_SWEEPS")
-    return Path(env).expanduser() if env else repo_root() / "sweeps"
+    """``$TENSORMASK_SWEEPS`` if set, else the installed package's ``sweeps/``, else the checkout's."""
+    from tensormask.resources import sweeps_dir
+
+    return sweeps_dir()
 
 
 @dataclass(frozen=True)
