@@ -107,3 +107,11 @@ def test_help_lists_the_entry_points_own_groups_and_examples(tmp_path, module, o
     prog = f"tensormask-{module.split('.')[1]}"
     examples = [line for line in done.stdout.splitlines() if line.strip().startswith(prog + " ")]
     assert 3 <= len(examples) <= 5, done.stdout
+
+
+def test_reproduce_help_shows_examples(capsys):
+    from tensormask.reproduce import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert 3 <= sum(line.strip().startswith("tensormask-reproduce table=") for line in out.splitlines()) <= 5

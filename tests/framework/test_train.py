@@ -9,6 +9,7 @@ import math
 import pytest
 from omegaconf import open_dict
 
+from tensormask.framework.checkpoint_io import strict_json
 from tensormask.train import train
 
 from framework_helpers import tiny_train_config
@@ -29,7 +30,7 @@ def _check_run(run_dir, metrics, steps, with_masks=True):
     assert summary["error"] is None
     assert summary["steps"] == steps
     assert summary["run_dir"] == str(run_dir)
-    assert summary["metrics"] == json.loads(json.dumps(metrics))
+    assert summary["metrics"] == strict_json(metrics)  # strict JSON: NaN is null
     assert set(metrics) == ({"bbox", "segm"} if with_masks else {"bbox"})
     for task in metrics:
         assert 0.0 <= metrics[task]["AP"] <= 1.0 or math.isnan(metrics[task]["AP"])
