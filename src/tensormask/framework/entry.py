@@ -218,6 +218,13 @@ def _exit_with(prog: str, message: str) -> None:
     raise SystemExit(USER_ERROR_EXIT) from None
 
 
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def short_user_errors(prog: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[DictConfig], Any]]:
     """Decorates an entry point's task (under `@hydra.main`): a user's mistake raised while it runs
     ends the process with the short message (Hydra would print a traceback first)."""
@@ -229,8 +236,8 @@ def short_user_errors(prog: str) -> Callable[[Callable[[DictConfig], Any]], Call
             try:
                 return task(cfg)
             except Exception as err:
-                message = None if full_errors_wanted() else user_error_message(err)
-                if message is None:
+                message = None if full_errors_wanted() or _multirun() else user_error_message(err)
+                if message is None:  # a bug; or one job of a sweep, which fails alone (the sweeper records it)
                     raise
                 _exit_with(prog, message)
 
