@@ -169,11 +169,23 @@ def _target(path: str) -> Any:
 
 @lru_cache(maxsize=None)
 def _signature(obj: Any) -> inspect.Signature | None:
-    for kwargs in ({"eval_str": True}, {}):
-        try:
-            return inspect.signature(obj, **kwargs)
-        except (TypeError, ValueError, NameError):
-            continue
+    """The parameters `obj` takes; a class whose __init__ only passes (*args, **kwargs) on to its
+    base takes the base's."""
+    for target in (obj.__mro__ if inspect.isclass(obj) else (obj,)):
+        if target is object:
+            break
+        signature = None
+        for kwargs in ({"eval_str": True}, {}):
+            try:
+                signature = inspect.signature(target, **kwargs)
+                break
+            except (TypeError, ValueError, NameError):
+                continue
+        if signature is None:
+            return None
+        named = [p for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if named or not inspect.isclass(obj):
+            return signature
     return None
 
 
