@@ -202,6 +202,10 @@ def test_seeds_train_every_row_per_seed_and_aggregate(tmp_path, fake):
     assert "| aligned vs natural | AP | 0.4 | 10.0 | 2.0 | agrees, gap > spread |" in md
     rows = read_csv(tmp_path / "results" / "table1.csv")
     assert rows[0]["segm.AP ours std"] == "1.00" and rows[0]["seeds"] == "3" and rows[0]["seeds finished"] == "3"
+    # Run again: every seed's run is found finished with its own config (keys that follow the seed, e.g. data.seed, included).
+    idle = fake()
+    assert [r.seeds_finished for r in rp.reproduce(compose(tmp_path, "table=table1", "seeds=3", "wandb.log_table=false"))] == [3, 3]
+    assert idle.calls == []
 
 
 def test_rows_selection_and_unknown_names(tmp_path, fake, capsys):

@@ -256,13 +256,16 @@ def build_plan(
     # Compose every row of every table: a run is named after the first row (paper order) that trains it,
     # whichever tables are asked for now, so that every command finds the same folder.
     entries = []
+    evaluated: dict[str, DictConfig] = {}  # "<table>/<row>" -> its config with its inference overrides
     for spec in specs.values():
         for row in spec.rows:
             train_overrides = [*base, *spec.row_keys(row, scale), *extra]
             try:
                 cfg = compose(train_overrides)
                 key = training_key(cfg)
-                full = training_key(compose([*train_overrides, *row.inference])) if row.inference else key
+                if row.inference:
+                    evaluated[f"{spec.name}/{row.id}"] = compose([*train_overrides, *row.inference])
+                full = training_key(evaluated[f"{spec.name}/{row.id}"]) if row.inference else key
             except Exception as err:  # noqa: BLE001 - a row that does not compose fails alone
                 if f"{spec.name}/{row.id}" in wanted:
                     entries.append((spec, row, train_overrides, None, None, None, f"{type(err).__name__}: {err}"))
@@ -312,7 +315,7 @@ def build_plan(
             seeded = [*train_overrides, f"seed={seed}"]
             train_run = trainings.get((k, seed))
             if train_run is None:
-                train_run = Run("train", owner, seed, seeded, {**key, "seed": seed},
+                train_run = Run("train", owner, seed, seeded, _with_seed(cfg, seed),
                                 steps=OmegaConf.select(cfg, "trainer.max_steps"),
                                 devices=_devices(cfg))
                 _place(train_run, root, on_stale, force, stale_errors)
@@ -325,7 +328,7 @@ def build_plan(
                     eval_owner = owner_of_eval[e]
                     ckpt = str(train_run.checkpoint)
                     eval_run = Run("eval", eval_owner, seed, [*seeded, *row.inference, "train=false", f"ckpt_path={ckpt}"],
-                                   {**full, "seed": seed, "train": False, "ckpt_path": ckpt}, training=train_run)
+                                   {**_with_seed(evaluated[name], seed), "train": False, "ckpt_path": ckpt}, training=train_run)
                     _place(eval_run, root, on_stale, force, stale_errors)
                     evaluations[(e, seed)] = eval_run
                 result = eval_run
@@ -343,6 +346,13 @@ def build_plan(
     # one seed of every row rather than every seed of the first rows).
     by_seed = lambda run: seeds.index(run.seed)  # noqa: E731
     return Plan(scale, seeds, root, plans, sorted(trainings.values(), key=by_seed), sorted(evaluations.values(), key=by_seed))
+
+
+def _with_seed(cfg: DictConfig, seed: int) -> dict[str, Any]:
+    """The training key of ``cfg`` run with ``seed`` (set before resolving: other keys interpolate it, e.g. data.seed)."""
+    seeded = cfg.copy()
+    seeded.seed = seed
+    return training_key(seeded)
 
 
 def _devices(cfg: DictConfig) -> Any:
