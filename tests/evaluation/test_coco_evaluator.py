@@ -167,3 +167,5 @@ def test_format_metrics():
     assert lines[1].split() == ["bbox"] + ["50.0"] * 12
     assert lines[2].split()[6] == "nan" and lines[2].split()[1] == "25.0"
     assert format_per_category_table({"bbox": {"a": 0.5}}).splitlines()[1].split() == ["a", "50.0"]
+    # metrics read back from a strict-JSON run summary carry NaN as null
+    assert format_metrics({"segm": {**m["segm"], "APl": None}}) == "\n".join([lines[0], lines[2]])

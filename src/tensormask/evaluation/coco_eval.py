@@ -328,8 +328,9 @@ class COCOEvaluator:
         return format_per_category_table(self.per_category_results)
 
 
-def _fmt(v: float) -> str:
-    return "  nan" if math.isnan(v) else f"{100 * v:5.1f}"
+def _fmt(v: float | None) -> str:
+    # None: a NaN that went through strict JSON (run summaries store NaN as null)
+    return "  nan" if v is None or math.isnan(v) else f"{100 * v:5.1f}"
 
 
 def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
