@@ -244,3 +244,31 @@ def test_msra_r50_pkl(tmp_path):
         pickle.dump({"blobs": blobs}, f)
     with pytest.raises(CheckpointMismatch, match=r"layer2\.1\.bn2\.bias"):
         load_backbone_weights(ResNet(50, norm="FrozenBN", stride_in_1x1=True), path)
+
+
+def test_2019_model_zoo_layout(d2_file):
+    """The model zoo's files (model_final_8f325c.pkl, model_final_e8df31.pkl, saved in 2019) carry
+    `anchor_generator.cell_anchors.<level>` and no pixel_mean/pixel_std: the anchors are checked
+    against the model's windows and dropped; truly unknown names are still refused."""
+    from tensormask.modeling.detectron2_import import expected_cell_anchors
+
+    _, state = d2_file
+    anchors = {}
+    for level in range(6):
+        side = np.array([11, 15], np.float32) * 4 * 2**level
+        anchors[f"anchor_generator.cell_anchors.{level}"] = np.stack([-side / 2, -side / 2, side / 2, side / 2], 1)
+    assert anchors["anchor_generator.cell_anchors.0"].tolist() == [[-22, -22, 22, 22], [-30, -30, 30, 30]]
+    assert torch.equal(expected_cell_anchors((11, 15), 128).float(), torch.from_numpy(anchors["anchor_generator.cell_anchors.5"]))
+    old = {k: v for k, v in state.items() if k not in ("pixel_mean", "pixel_std")}
+    old.update(anchors)
+    model = build_detectron2_tensormask(None, num_classes=K)
+    load_detectron2_checkpoint(model, old)
+    assert torch.equal(model.class_head.score.bias, torch.from_numpy(state["head.cls_score.bias"]))
+    # anchors that are not this model's windows (here: a model with other window sizes) are named
+    wrong = dict(old, **{"anchor_generator.cell_anchors.2": anchors["anchor_generator.cell_anchors.2"] * 2})
+    with pytest.raises(CheckpointMismatch, match=r"anchor_generator.cell_anchors.2.*differs from this TensorMask's "
+                                                 r"windows at level 2 \(stride 16\)"):
+        load_detectron2_checkpoint(model, wrong)
+    extra = dict(old, **{"anchor_generator.something_else": np.zeros(3, np.float32)})
+    with pytest.raises(CheckpointMismatch, match="anchor_generator.something_else"):
+        load_detectron2_checkpoint(model, extra)

@@ -15,7 +15,10 @@ detectron2 names (paper-facts section 3) map onto this package's modules as foll
     head.mask_fuse.0                              -> mask_head.fuse.0
 
 Every tensor of the file must be used and every model tensor must be given; anything else is an
-error that names the offending tensors.
+error that names the offending tensors. One exception: the model zoo's files (saved in 2019) also
+carry ``anchor_generator.cell_anchors.<level>``, the (A, 4) windows detectron2 then saved as
+buffers (today's detectron2 drops them on load). They hold no weights: each is checked to equal the
+windows this model builds at that level (side S x stride, centred at 0), then dropped.
 """
 
 from __future__ import annotations
@@ -210,16 +213,42 @@ def detectron2_to_tensormask_name(name: str, window_sizes: tuple[int, ...]) -> s
     raise CheckpointMismatch(f"detectron2 tensor {name!r} has no counterpart in this TensorMask")
 
 
-def convert_detectron2_state(d2_state: dict[str, torch.Tensor], window_sizes: tuple[int, ...] = (11, 15)
+def expected_cell_anchors(window_sizes: tuple[int, ...], stride: int) -> torch.Tensor:
+    """The windows of one level as detectron2 saved them: (A, 4) boxes (x0, y0, x1, y1) centred at 0,
+    side S * stride for each window size S (e.g. P2: 44 and 60 px)."""
+    half = torch.tensor([s * stride / 2 for s in window_sizes], dtype=torch.float64)
+    return torch.stack([-half, -half, half, half], dim=1)
+
+
+def _check_cell_anchors(name: str, value: torch.Tensor, window_sizes: tuple[int, ...],
+                        strides: tuple[int, ...]) -> None:
+    level = int(name.rsplit(".", 1)[1])
+    if level >= len(strides):
+        raise CheckpointMismatch(f"detectron2 tensor {name!r}: level {level}, but this TensorMask has "
+                                 f"{len(strides)} levels")
+    expected = expected_cell_anchors(window_sizes, strides[level])
+    got = torch.as_tensor(value, dtype=torch.float64).reshape(-1, 4)
+    if got.shape != expected.shape or not torch.allclose(got, expected, atol=1e-3):
+        raise CheckpointMismatch(f"detectron2 tensor {name!r} = {got.tolist()} differs from this TensorMask's "
+                                 f"windows at level {level} (stride {strides[level]}): {expected.tolist()}")
+
+
+def convert_detectron2_state(d2_state: dict[str, torch.Tensor], window_sizes: tuple[int, ...] = (11, 15),
+                             strides: tuple[int, ...] = (4, 8, 16, 32, 64, 128),
                              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """detectron2 TensorMask {name: tensor} -> (this package's state dict, metadata such as pixel_mean).
 
-    Raises :class:`CheckpointMismatch` listing every name it cannot place.
+    2019 files' ``anchor_generator.cell_anchors.<level>`` are checked against the windows of
+    `window_sizes` at `strides` and dropped. Raises :class:`CheckpointMismatch` listing every name it
+    cannot place.
     """
     state, meta, unknown = {}, {}, []
     for name, value in d2_state.items():
         if name in _METADATA:
             meta[name] = value
+            continue
+        if re.match(r"^anchor_generator\.cell_anchors\.\d+$", name):
+            _check_cell_anchors(name, value, tuple(window_sizes), tuple(strides))
             continue
         try:
             state[detectron2_to_tensormask_name(name, tuple(window_sizes))] = value
@@ -253,8 +282,12 @@ def build_detectron2_tensormask(path: str | os.PathLike | None = None, num_class
 def load_detectron2_checkpoint(model: nn.Module, path_or_state: str | os.PathLike | dict) -> dict[str, torch.Tensor]:
     """Load a detectron2 TensorMask checkpoint into ``model``; returns the file's metadata
     (pixel_mean / pixel_std when present, which must match the model's)."""
-    d2_state = path_or_state if isinstance(path_or_state, dict) else read_checkpoint(path_or_state)
-    state, meta = convert_detectron2_state(d2_state, tuple(model.window_sizes))
+    if isinstance(path_or_state, dict):  # numpy arrays (a pickle's "model" dict) or tensors
+        d2_state = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+                    for k, v in path_or_state.items()}
+    else:
+        d2_state = read_checkpoint(path_or_state)
+    state, meta = convert_detectron2_state(d2_state, tuple(model.window_sizes), tuple(model.strides))
     for key, attr in (("pixel_mean", "pixel_mean"), ("pixel_std", "pixel_std")):
         if key in meta:
             values = tuple(float(v) for v in meta[key].flatten())
