@@ -34,6 +34,7 @@ from tensormask.framework.builders import (
     build_datamodule, build_model, build_module, build_trainer, find_run_config, instantiate_list, load_model_weights,
 )
 from tensormask.framework.checkpoint_io import atomic_write_json, checkpoint_file
+from tensormask.framework.data_config import prepare_data_config
 from tensormask.framework.entry import (
     command_overrides, config_dir, link_latest, metrics_table, quiet_known_warnings, run_main, short_user_errors,
 )
@@ -98,6 +99,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         cfg = merge_run_config(cfg, run_config, overrides)
     validate_config(cfg)
     check_environment(cfg)
+    prepare_data_config(cfg, splits=("val",))
     quiet_known_warnings()
     run_dir = Path(cfg.paths.output_dir)
     link_latest(run_dir, Path(cfg.paths.log_dir) / str(cfg.task_name))

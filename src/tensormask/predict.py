@@ -3,13 +3,17 @@
     tensormask-predict ckpt_path=outputs/train/latest input=photo.jpg
     tensormask-predict ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt input=some/folder
     tensormask-predict ckpt_path=outputs/train/latest input=some/folder draw_score_threshold=0.3
+    tensormask-predict ckpt_path=... input=mydata/val annotations=mydata/annotations/val.json
 
 The model is rebuilt from the `config.yaml` saved beside the checkpoint and the images are resized
 and normalised as in the run's evaluation. Writes, into outputs/predict/<checkpoint>/<settings>/
 (one folder per checkpoint and settings), `pictures/<image name>.png`, `predictions.json` (COCO
 results: image_id = the image's index in sorted order) and `images.json` (those ids' file names,
-the categories, and the files skipped as unreadable). It runs as `trainer.predict` (the module's
-`predict_step`) with a `PredictionWriter` callback writing the outputs batch by batch.
+the categories, and the files skipped as unreadable). With `annotations=<COCO file>` the images
+are that file's (its `file_name`s relative to `input`, or absolute) and the results carry its
+image ids, so pycocotools' COCOeval takes predictions.json as it is (docs/data.md "Predictions for
+a COCO data set"). It runs as `trainer.predict` (the module's `predict_step`) with a
+`PredictionWriter` callback writing the outputs batch by batch.
 """
 
 from __future__ import annotations
@@ -66,6 +70,34 @@ class SkipUnreadable:
         return self.collate(items) if items else None
 
 
+def images_of_annotation_file(annotations: str | Path, image_dir: str | Path) -> tuple[list[Path], list[int]]:
+    """(image files, image ids) of every image a COCO annotation file lists, in id order; its
+    `file_name`s are relative to `image_dir` (or absolute). Errors name the key and the files."""
+    from tensormask.data.coco import CocoFormatError, load_coco_json
+
+    path = Path(str(annotations))
+    if not path.is_file():
+        raise UserError(f"annotations={path}: no such annotation file")
+    folder = Path(str(image_dir))
+    if not folder.is_dir():
+        raise UserError(f"input={folder}: with annotations=..., input is the folder its file_names are relative to")
+    try:
+        images = load_coco_json(path)["images"]
+    except CocoFormatError as e:
+        raise UserError(str(e)) from e
+    pairs, missing = [], []
+    for record in images:
+        if not isinstance(record, dict) or not isinstance(record.get("id"), int) or "file_name" not in record:
+            raise UserError(f"{path}: image record without an integer 'id' and a 'file_name': {str(record)[:200]}")
+        file = folder / record["file_name"]  # an absolute file_name stays as it is
+        (pairs if file.is_file() else missing).append((file, int(record["id"])))
+    if missing:
+        raise UserError(f"{path}: {len(missing)} image file(s) missing under input={folder}, "
+                        f"e.g. {[str(f) for f, _ in missing[:3]]}")
+    pairs.sort(key=lambda p: p[1])
+    return [f for f, _ in pairs], [i for _, i in pairs]
+
+
 def predict(cfg: DictConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run the checkpoint on `cfg.input` through `trainer.predict`; returns (COCO result records, objects).
 
@@ -98,8 +130,11 @@ def predict(cfg: DictConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     transforms = build_transforms(False, **_transform_kwargs(OmegaConf.to_container(run_cfg.data.test_transforms)))
     collate = Collator(int(getattr(model, "size_divisibility", 32)), list(model.pixel_mean), list(model.pixel_std),
                        str(getattr(model, "input_format", "RGB")).upper() == "BGR")
-    files = list_images(cfg.input)
-    dataset = ImageFiles(files, transforms)
+    if cfg.get("annotations"):
+        files, image_ids = images_of_annotation_file(cfg.annotations, cfg.input)
+    else:
+        files, image_ids = list_images(cfg.input), None
+    dataset = ImageFiles(files, transforms, image_ids=image_ids)
     loader = DataLoader(dataset, batch_size=int(cfg.get("batch_size", 1)), shuffle=False,
                         collate_fn=SkipUnreadable(collate))
 

@@ -40,11 +40,13 @@ from tensormask.framework.builders import (
 from tensormask.framework.checkpoint_io import (
     checkpoint_step, find_resume_checkpoint, remove_orphans, resolve_ckpt_path,
 )
+from tensormask.framework.data_config import prepare_data_config
 from tensormask.framework.entry import (
     command_overrides, config_dir, entry_command, link_latest, metrics_table, quiet_known_warnings, run_main,
     short_user_errors, to_plain,
 )
 from tensormask.framework.loggers import RunCSVLogger, wandb_info
+from tensormask.framework.pretrained import check_pretrained
 from tensormask.framework.run_summary import RunSummary
 from tensormask.framework.validation import check_environment, validate_config
 
@@ -60,6 +62,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     validate_config(cfg)
     check_environment(cfg)
+    # before anything heavy (no synthetic data written, no model built): weights and data paths
+    # exist, and the classes come from the annotation file (docs/data.md "Your own data")
+    if cfg.get("train", True):
+        check_pretrained(cfg)
+    prepare_data_config(cfg, splits=("train", "val") if cfg.get("train", True) else ("val",))
     quiet_known_warnings()
     run_dir = Path(cfg.paths.output_dir)
     ckpt_dir = Path(cfg.paths.checkpoint_dir)

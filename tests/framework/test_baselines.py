@@ -26,8 +26,9 @@ def test_baseline_trains_and_evaluates(tmp_path, name, with_masks):
         small += ["+model.rpn_pre_nms_top_n_test=100", "+model.rpn_post_nms_top_n_test=20",
                   "+model.rpn_pre_nms_top_n_train=200", "+model.rpn_post_nms_top_n_train=50",
                   "+model.box_batch_size_per_image=32"]
+    # FrozenBN without ImageNet weights: a plumbing test, so random weights are allowed explicitly
     cfg = compose_config("train", [f"model={name}", "model.depth=18", "model.trainable_layers=5", *small,
-                                   *TINY_DATA, *TINY_RUN], run_dir)
+                                   *TINY_DATA, *TINY_RUN, "allow_random_init=true"], run_dir)
     metrics, objects = train(cfg)
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert summary["status"] == "finished" and summary["steps"] == 2

@@ -26,7 +26,7 @@ def test_every_group_has_its_options():
                                           "upscale_natural"]
     assert options("mode") == ["box_only", "full", "mask_only"]
     assert options("data") == ["coco", "synthetic"]
-    assert options("schedule") == ["1x", "6x", "quick"]
+    assert options("schedule") == ["1x", "6x", "quick", "quickstart"]
     assert {"cpu", "gpu", "ddp", "multinode"} <= set(options("trainer"))
     assert {"wandb", "csv", "tensorboard", "many"} <= set(options("logger"))
     assert options("experiment") == ["quickstart", "r101_6x", "r50_1x", "r50_6x"]
@@ -85,7 +85,9 @@ def test_optimizers(tmp_path, optimizer):
 
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiments_compose_and_build(tmp_path, experiment):
-    cfg = compose_config("train", [f"experiment={experiment}"], tmp_path)
+    # data=coco takes its classes from the annotation file at the start of a run: 80 for COCO
+    classes = [] if experiment == "quickstart" else ["data.num_classes=80"]
+    cfg = compose_config("train", [f"experiment={experiment}", *classes], tmp_path)
     validate_config(cfg)
     if experiment == "quickstart":
         assert cfg.data.synthetic is not None and cfg.trainer.accelerator == "cpu"

@@ -50,7 +50,9 @@ def test_paper_recipes_compose_to_the_paper_numbers(tmp_path, experiment):
     assert {k: model["mask_head"][k] for k in HEAD} == HEAD and model["mask_head"]["window_sizes"] == [11, 15]
     assert model["backbone"]["depth"] == depth and {k: model["backbone"][k] for k in BACKBONE} == BACKBONE
     assert cfg.mode == "full"
-    assert model["num_classes"] == 80
+    # data=coco takes its classes from the annotation file at the start of a run (80 for COCO 2017;
+    # tests/framework/test_user_paths.py)
+    assert model["num_classes"] is None and cfg.data.num_classes is None
     assert {k: cfg.module[k] for k in MODULE} == pytest.approx(MODULE)
     assert cfg.module.optimizer._target_ == "torch.optim.SGD" and cfg.module.optimizer.momentum == 0.9
     assert list(cfg.module.milestones) == milestones and cfg.trainer.max_steps == steps

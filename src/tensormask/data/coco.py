@@ -157,6 +157,8 @@ class CocoInstances(torch.utils.data.Dataset):
         drop_empty: drop images without any non-crowd annotation; default: `train`. Evaluation
             keeps every image (an image without objects still counts for false positives).
         check_files: check at construction that every image file exists.
+        category_ids: the categories that are classes (contiguous labels in sorted id order);
+            annotations of other categories are skipped with a warning. None: every category of the file.
 
     Each item is a dict:
         ``image``      tv_tensors.Image uint8 (3, h, w) RGB;
@@ -180,6 +182,7 @@ class CocoInstances(torch.utils.data.Dataset):
         train: bool,
         drop_empty: bool | None = None,
         check_files: bool = True,
+        category_ids: list[int] | None = None,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.annotation_file = str(annotation_file)
@@ -200,7 +203,11 @@ class CocoInstances(torch.utils.data.Dataset):
             cats[cid] = c
         if not cats:
             raise CocoFormatError(f"{path}: no categories")
-        self.contiguous_to_coco: list[int] = sorted(cats)
+        if category_ids is not None:
+            unknown = sorted(set(int(c) for c in category_ids) - set(cats))
+            if unknown:
+                raise CocoFormatError(f"{path}: no categories {unknown} (category_ids); it has {sorted(cats)}")
+        self.contiguous_to_coco: list[int] = sorted(cats) if category_ids is None else sorted(int(c) for c in category_ids)
         self.coco_to_contiguous: dict[int, int] = {cid: i for i, cid in enumerate(self.contiguous_to_coco)}
         self.class_names: list[str] = [str(cats[cid].get("name", cid)) for cid in self.contiguous_to_coco]
 
@@ -242,6 +249,9 @@ class CocoInstances(torch.utils.data.Dataset):
             crowd = bool(ann.get("iscrowd", 0))
             if crowd:
                 continue  # honoured by evaluation through `self.coco`, never a training target
+            if cid not in self.coco_to_contiguous:
+                skips.add("had a category that is not one of the classes (skipped)", aid)
+                continue
             x, y, bw, bh = (float(v) for v in bbox)
             if bw < 0 or bh < 0:  # COCO's bbox is [x, y, width, height]: a negative size is no box at all
                 raise CocoFormatError(

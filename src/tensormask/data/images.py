@@ -91,14 +91,23 @@ def read_image(file: str | os.PathLike) -> torch.Tensor:
 class ImageFiles(torch.utils.data.Dataset):
     """Image files as unannotated dataset items (what `CocoInstances` yields, without objects).
 
-    Item `i` is the file `files[i]` read by `read_image`, with `image_id = i`, passed through
+    Item `i` is the file `files[i]` read by `read_image`, with `image_id = image_ids[i]` (default
+    `i`; a COCO annotation file's ids for tensormask-predict's `annotations=`), passed through
     `transforms`; a file that cannot be read gives None (the `Collator` of tensormask-predict drops
     it) and a warning naming the file and the cause, so one bad file does not end a whole run.
     """
 
-    def __init__(self, files: list[str | os.PathLike], transforms=None) -> None:
+    def __init__(self, files: list[str | os.PathLike], transforms=None, image_ids: list[int] | None = None) -> None:
         self.files = [Path(f) for f in files]
         self.transforms = transforms
+        self.image_ids = list(range(len(self.files))) if image_ids is None else [int(i) for i in image_ids]
+        if len(self.image_ids) != len(self.files) or len(set(self.image_ids)) != len(self.image_ids):
+            raise ValueError("image_ids must give one distinct id per file")
+        self._index = {image_id: i for i, image_id in enumerate(self.image_ids)}
+
+    def index_of(self, image_id: int) -> int:
+        """The position in `files` of the item with `image_id`."""
+        return self._index[int(image_id)]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -129,7 +138,7 @@ class ImageFiles(torch.utils.data.Dataset):
             "boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w)),
             "masks": tv_tensors.Mask(torch.zeros(0, h, w, dtype=torch.uint8)),
             "labels": torch.zeros(0, dtype=torch.int64),
-            "image_id": index,
+            "image_id": self.image_ids[index],
             "orig_size": (int(h), int(w)),
         }
         return self.transforms(item) if self.transforms is not None else item

@@ -322,7 +322,7 @@ class PredictionWriter(BasePredictionWriter):
     """Writes what `trainer.predict` yields for tensormask-predict (docs/framework.md):
     `<output_dir>/pictures/<image name>.png` (the image with the detections scoring at least
     `draw_score_threshold`), and at the end `<output_dir>/predictions.json` (COCO results, all
-    scores; image_id = the file's index in `dataset.files`) and `<output_dir>/images.json` (those
+    scores; image_id = `dataset.image_ids`, by default the file's index in `dataset.files`) and `<output_dir>/images.json` (those
     ids' file names, the categories, and the files that could not be read, with the reason).
 
     `dataset` is the `tensormask.data.images.ImageFiles` being predicted: the pictures are drawn on
@@ -353,11 +353,12 @@ class PredictionWriter(BasePredictionWriter):
         from tensormask.evaluation import detections_to_coco_results, draw_detections
 
         for image_id, det in zip(batch.image_ids, prediction):
-            file = self.dataset.files[image_id]
+            index = self.dataset.index_of(image_id)
+            file = self.dataset.files[index]
             self.results += detections_to_coco_results(image_id, det, self.contiguous_to_coco)
-            draw_detections(self.dataset.read(image_id), det, self.class_names,
+            draw_detections(self.dataset.read(index), det, self.class_names,
                             score_threshold=self.draw_score_threshold, path=self.pictures / f"{file.stem}.png")
-            self.written.add(int(image_id))
+            self.written.add(index)
             log.info("%s: %d detections >= %.2f", file.name, int((det.scores >= self.draw_score_threshold).sum()),
                      self.draw_score_threshold)
 
@@ -369,7 +370,7 @@ class PredictionWriter(BasePredictionWriter):
                         for i in range(len(files)) if i not in self.written]
         atomic_write_json(self.output_dir / "predictions.json", self.results)
         atomic_write_json(self.output_dir / "images.json", {
-            "images": [{"id": i, "file_name": str(f)} for i, f in enumerate(files)],
+            "images": [{"id": i, "file_name": str(f)} for i, f in zip(self.dataset.image_ids, files)],
             "categories": [{"id": c, "name": n} for c, n in zip(self.contiguous_to_coco, self.class_names)],
             "skipped": self.skipped,
         })

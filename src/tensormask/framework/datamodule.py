@@ -25,6 +25,16 @@ def _transform_kwargs(cfg: dict[str, Any] | None) -> dict[str, Any]:
     return kwargs
 
 
+def _with_sizes(cfg: dict[str, Any] | None, min_size: Any, max_size: int | None) -> dict[str, Any]:
+    """Transform kwargs with the data set's size pair filled in where they leave the sizes out."""
+    kwargs = dict(cfg or {})
+    if kwargs.get("min_size") is None and min_size not in (None, [None]):
+        kwargs["min_size"] = min_size
+    if kwargs.get("max_size") is None and max_size is not None:
+        kwargs["max_size"] = max_size
+    return kwargs
+
+
 class DetectionDataModule(L.LightningDataModule):
     """Training and evaluation loaders over a COCO-format instance segmentation dataset.
 
@@ -34,6 +44,8 @@ class DetectionDataModule(L.LightningDataModule):
             out (None) when `synthetic` is given.
         synthetic: keyword arguments of `tensormask.data.make_synthetic_coco`; the dataset is written
             (or reused from the cache) in `prepare_data` and its paths used.
+        min_size, max_size: the image sizes, short side and cap on the long side (docs/data.md
+            "Image sizes"); they fill what `train_transforms` / `test_transforms` leave out.
         train_transforms, test_transforms: keyword arguments of `tensormask.data.build_transforms`.
         global_batch_size: images per optimisation step over all processes (divided by the world size).
         eval_batch_size: images per evaluation batch on each process.
@@ -44,6 +56,8 @@ class DetectionDataModule(L.LightningDataModule):
         max_val_images: evaluate on the first N validation images only (None: all).
         eval_split: "val", or "train" to evaluate on the training images (overfitting checks).
         root: the dataset's root folder (for the record; the paths above are what is read).
+        category_ids: the annotation file's categories that are classes (None: all of them);
+            `tensormask.framework.data_config` fills it from the file at the start of a run.
     """
 
     def __init__(
@@ -55,6 +69,8 @@ class DetectionDataModule(L.LightningDataModule):
         val_images: str | None = None,
         val_annotations: str | None = None,
         synthetic: dict[str, Any] | None = None,
+        min_size: int | None = None,
+        max_size: int | None = None,
         train_transforms: dict[str, Any] | None = None,
         test_transforms: dict[str, Any] | None = None,
         global_batch_size: int = 16,
@@ -68,6 +84,7 @@ class DetectionDataModule(L.LightningDataModule):
         max_val_images: int | None = None,
         eval_split: str = "val",
         root: str | None = None,
+        category_ids: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if synthetic is None and not (train_annotations and val_annotations):
@@ -78,8 +95,9 @@ class DetectionDataModule(L.LightningDataModule):
             "train_images": train_images, "train_annotations": train_annotations,
             "val_images": val_images, "val_annotations": val_annotations,
         }
-        self.train_transforms = _transform_kwargs(train_transforms)
-        self.test_transforms = _transform_kwargs(test_transforms)
+        self.min_size, self.max_size = min_size, max_size
+        self.train_transforms = _transform_kwargs(_with_sizes(train_transforms, [min_size], max_size))
+        self.test_transforms = _transform_kwargs(_with_sizes(test_transforms, min_size, max_size))
         self.global_batch_size = global_batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -93,6 +111,7 @@ class DetectionDataModule(L.LightningDataModule):
             raise ValueError(f"data.eval_split={eval_split!r}: must be one of val, train")
         self.eval_split = eval_split
         self.root = root
+        self.category_ids = [int(c) for c in category_ids] if category_ids is not None else None
         self.train_dataset = None
         self.val_dataset = None
 
@@ -135,6 +154,7 @@ class DetectionDataModule(L.LightningDataModule):
             self.val_dataset = CocoInstances(
                 paths[f"{split}_images"], paths[f"{split}_annotations"],
                 transforms=build_transforms(False, **self.test_transforms), train=False, drop_empty=False,
+                category_ids=self.category_ids,
             )
             if len(self.val_dataset.contiguous_to_coco) != self.num_classes:
                 raise ValueError(
@@ -145,6 +165,7 @@ class DetectionDataModule(L.LightningDataModule):
             self.train_dataset = CocoInstances(
                 paths["train_images"], paths["train_annotations"],
                 transforms=build_transforms(True, **self.train_transforms), train=True, drop_empty=True,
+                category_ids=self.category_ids,
             )
 
     # -- loaders -----------------------------------------------------------------------------

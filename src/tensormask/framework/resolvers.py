@@ -9,6 +9,7 @@ grammar splits on `=` and `,`). The overrides themselves are recorded inside the
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -71,11 +72,44 @@ def checkpoint_name(ckpt_path: Any) -> str:
     return f"{name}_{_digest(str(path))}"
 
 
+def scaled_steps(steps, reference: int, at_most: int | None = None, *, _root_):
+    """Step numbers of a schedule written for `reference` steps, scaled to this run's
+    `trainer.max_steps`: a schedule given only a new `trainer.max_steps` moves its milestones and
+    warm-up with it (docs/framework.md "Schedules"). `steps`: one number or a list; exact when
+    max_steps equals the reference; `at_most` caps the result (a warm-up that shrinks with a short
+    run but does not grow with a long one)."""
+    max_steps = int(_root_.trainer.max_steps)
+
+    def scale(s) -> int:
+        value = int(round(int(s) * max_steps / int(reference)))
+        return value if at_most is None else min(value, int(at_most))
+
+    if isinstance(steps, (int, float, str)):
+        return scale(steps)
+    return [scale(s) for s in steps]
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask; os.cpu_count() where unsupported)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def num_workers(cap: int = 4) -> int:
+    """Data-loader workers: the machine's cores, at most `cap` (2 on a 2-core machine, not 4)."""
+    return max(0, min(int(cap), available_cpus()))
+
+
 def _register() -> None:
-    if not OmegaConf.has_resolver("tm.run_name"):
-        OmegaConf.register_new_resolver("tm.run_name", run_name)
-    if not OmegaConf.has_resolver("tm.checkpoint_name"):
-        OmegaConf.register_new_resolver("tm.checkpoint_name", checkpoint_name)
+    from tensormask.framework.pretrained import imagenet_file
+
+    for name, fn in (("tm.run_name", run_name), ("tm.checkpoint_name", checkpoint_name),
+                     ("tm.imagenet_file", imagenet_file), ("tm.scaled_steps", scaled_steps),
+                     ("tm.num_workers", num_workers)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 _register()

@@ -104,18 +104,19 @@ def _steps(v: Any) -> str | None:
 # Ranges the constructors leave unchecked (or check too late: the evaluator is a partial built
 # after training), per target and parameter; a dotted name checks inside a dict parameter.
 ARG_RULES: dict[str, dict[str, Callable[[Any], str | None]]] = {
+    # num_classes null: from the annotation file at the start of a run (framework/data_config.py)
     "tensormask.modeling.TensorMask": {
-        "num_classes": _int(1),
+        "num_classes": _int(1, none_ok=True),
         "score_threshold": _float(0.0, 1.0),
         "nms_threshold": _float(0.0, 1.0),
         "mask_threshold": _float(0.0, 1.0),
         "max_detections": _int(1),
         "topk_candidates": _int(1),
     },
-    "tensormask.modeling.baselines._Baseline": {"num_classes": _int(1)},
+    "tensormask.modeling.baselines._Baseline": {"num_classes": _int(1, none_ok=True)},
     "tensormask.modeling.ResNetFPN": {"out_channels": _int(1), "freeze_at": _int(0, 5)},
     "tensormask.framework.DetectionDataModule": {
-        "num_classes": _int(1),
+        "num_classes": _int(1, none_ok=True),
         "global_batch_size": _int(1),
         "eval_batch_size": _int(1),
         "num_workers": _int(0),
@@ -150,7 +151,8 @@ ARG_RULES: dict[str, dict[str, Callable[[Any], str | None]]] = {
 
 # The entry points' own top-level keys (per task_name): they build nothing, so they are typed here.
 TOP_LEVEL: dict[str, dict[str, Callable[[Any], str | None]]] = {
-    "train": {"seed": _int(0, none_ok=True), "train": _choice(True, False), "evaluate": _choice(True, False)},
+    "train": {"seed": _int(0, none_ok=True), "train": _choice(True, False), "evaluate": _choice(True, False),
+              "allow_random_init": _choice(True, False)},
     "eval": {"seed": _int(0, none_ok=True), "per_category": _choice(True, False)},
 }
 

@@ -46,7 +46,13 @@ class BaselineOutput:
     features: dict[str, Tensor]
 
 
+def _is_weights_file(weights_backbone: str) -> bool:
+    return "/" in weights_backbone or weights_backbone.endswith((".pth", ".pt"))
+
+
 def _resnet_trunk(depth: int, weights_backbone: str | None, norm: str) -> nn.Module:
+    """torchvision's ResNet; `weights_backbone`: a torchvision weights name ("DEFAULT", downloaded)
+    or the path of a torchvision ResNet state dict (e.g. ``resnet50-0676ba61.pth``), or None."""
     norm_layer = {"FrozenBN": misc_nn_ops.FrozenBatchNorm2d, "BN": nn.BatchNorm2d}.get(norm)
     if norm == "GN":
         norm_layer = lambda c: nn.GroupNorm(32, c)  # noqa: E731
@@ -55,6 +61,15 @@ def _resnet_trunk(depth: int, weights_backbone: str | None, norm: str) -> nn.Mod
     builder = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101}.get(depth)
     if builder is None:
         raise ValueError(f"depth must be one of 18, 34, 50, 101, got {depth}")
+    if weights_backbone is not None and _is_weights_file(weights_backbone):
+        trunk = builder(weights=None, norm_layer=norm_layer)
+        state = torch.load(weights_backbone, map_location="cpu", weights_only=True)
+        try:
+            trunk.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        except RuntimeError as e:
+            raise ValueError(f"{weights_backbone} is not a torchvision ResNet-{depth} state dict for norm={norm}: "
+                             f"{str(e).splitlines()[0]}") from e
+        return trunk
     weights = None
     if weights_backbone is not None:
         weights = resnet.__dict__[f"ResNet{depth}_Weights"].verify(weights_backbone)
@@ -146,7 +161,8 @@ class FasterRCNNBaseline(_RCNNBaseline):
     Args:
         num_classes: K foreground classes. depth: ResNet depth (50 in the paper's tables).
         norm: FrozenBN (with ImageNet weights), BN or GN. trainable_layers: ResNet stages trained (0-5).
-        weights_backbone: torchvision weights name of the ResNet (e.g. "DEFAULT"; needs a download) or null.
+        weights_backbone: torchvision weights name of the ResNet (e.g. "DEFAULT"; needs a download), the
+            path of a torchvision ResNet state dict (``resnet50-0676ba61.pth``), or null.
         score_threshold, nms_threshold, max_detections: inference (as TensorMask's).
         size_divisibility: input padding multiple.
     """
