@@ -146,7 +146,8 @@ def predict(cfg: DictConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     callbacks = [writer]
     if loggers:
         callbacks.append(PredictionImages(int(cfg.get("wandb_images", 16)), float(cfg.draw_score_threshold),
-                                          image_reader=dataset.read, names=lambda i: dataset.files[i].name,
+                                          image_reader=lambda i: dataset.read(dataset.index_of(i)),
+                                          names=lambda i: dataset.files[dataset.index_of(i)].name,
                                           class_names=class_names))
     trainer = build_trainer(cfg, callbacks=callbacks, loggers=loggers or False)
     try:

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from omegaconf import OmegaConf
 
 from framework_helpers import TINY_MODEL, TINY_RUN, compose_config
 from tensormask.errors import UserError
@@ -252,13 +253,13 @@ def test_one_option_gives_every_row_of_a_mixed_table_its_weights(tmp_path):
     from tensormask.tables import load_table
 
     folder = _weights_folder(tmp_path / "imagenet")
-    cfg = rp.compose(["table=table4", "scale=paper"])
+    base = list(OmegaConf.load(rp.default_conf_dir() / "hydra" / "sweeper" / "rows.yaml").scales.paper)
     spec = load_table("table4")
     found = {}
     with initialize_config_dir(config_dir=str(rp.default_conf_dir()), version_base="1.3"):
         for row in spec.rows:
-            overrides = [*rp.row_overrides(spec, row.id, cfg), f"imagenet_weights={folder}"]
-            train_cfg = compose(config_name="train", overrides=overrides)
+            train_cfg = compose(config_name="train",
+                                overrides=[*spec.job_overrides(row, "paper", base), f"imagenet_weights={folder}"])
             check_pretrained(train_cfg)
             model = train_cfg.model
             found[row.id] = Path(model.weights_backbone if "weights_backbone" in model else model.backbone.weights).name
