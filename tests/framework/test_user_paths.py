@@ -219,7 +219,7 @@ def test_missing_data_path_exits_non_zero(tmp_path):
 
 # -- ImageNet weights -----------------------------------------------------------------------------
 def test_frozen_recipe_without_weights_refuses_to_start(tmp_path):
-    cfg = compose_config("train", ["experiment=r50_1x", "data.root=/nonexistent/coco"], tmp_path)
+    cfg = compose_config("train", ["experiment=r50_1x", "trainer=cpu", "data.root=/nonexistent/coco"], tmp_path)
     with pytest.raises(UserError, match=r"model.backbone.norm=FrozenBN and model.backbone.freeze_at=2 need ImageNet "
                                         r"weights.*imagenet_weights=<folder with R-50.pkl>.*allow_random_init=true"):
         train(cfg)
@@ -228,7 +228,7 @@ def test_frozen_recipe_without_weights_refuses_to_start(tmp_path):
         with pytest.raises(UserError, match=r"model.norm=FrozenBN and model.trainable_layers=3 need ImageNet weights"):
             check_pretrained(cfg)
     # the explicit opt-in: the run goes on (to the data check here)
-    cfg = compose_config("train", ["experiment=r50_1x", "data.root=/nonexistent/coco", "allow_random_init=true"],
+    cfg = compose_config("train", ["experiment=r50_1x", "trainer=cpu", "data.root=/nonexistent/coco", "allow_random_init=true"],
                          tmp_path)
     with pytest.raises(UserError, match="image folder not found"):
         train(cfg)

@@ -104,19 +104,18 @@ def _steps(v: Any) -> str | None:
 # Ranges the constructors leave unchecked (or check too late: the evaluator is a partial built
 # after training), per target and parameter; a dotted name checks inside a dict parameter.
 ARG_RULES: dict[str, dict[str, Callable[[Any], str | None]]] = {
-    # num_classes null: from the annotation file at the start of a run (framework/data_config.py)
     "tensormask.modeling.TensorMask": {
-        "num_classes": _int(1, none_ok=True),
+        "num_classes": _int(1),
         "score_threshold": _float(0.0, 1.0),
         "nms_threshold": _float(0.0, 1.0),
         "mask_threshold": _float(0.0, 1.0),
         "max_detections": _int(1),
         "topk_candidates": _int(1),
     },
-    "tensormask.modeling.baselines._Baseline": {"num_classes": _int(1, none_ok=True)},
+    "tensormask.modeling.baselines._Baseline": {"num_classes": _int(1)},
     "tensormask.modeling.ResNetFPN": {"out_channels": _int(1), "freeze_at": _int(0, 5)},
     "tensormask.framework.DetectionDataModule": {
-        "num_classes": _int(1, none_ok=True),
+        "num_classes": _int(1),
         "global_batch_size": _int(1),
         "eval_batch_size": _int(1),
         "num_workers": _int(0),
@@ -269,6 +268,11 @@ def _did_you_mean(word: str, options: list[str]) -> str:
     return f"; did you mean {' or '.join(near)}?" if near else ""
 
 
+# null here means "filled at the start of the run": data=coco's classes come from the annotation
+# file (tensormask.framework.data_config, docs/data.md "Your own data")
+FILLED_AT_START = {"num_classes"}
+
+
 def _node_problems(node: DictConfig, key: str) -> list[str]:
     target_path = node.get("_target_")
     try:
@@ -300,6 +304,8 @@ def _node_problems(node: DictConfig, key: str) -> list[str]:
             if OmegaConf.is_config(value):
                 value = OmegaConf.to_container(value, resolve=True)
         except Exception:  # noqa: BLE001 - a missing value (???), or an interpolation only the running app resolves
+            continue
+        if value is None and name in FILLED_AT_START:
             continue
         if not _accepts(value, params[name].annotation):
             problems.append(f"{full}={value!r}: must be {_describe(params[name].annotation)}")
