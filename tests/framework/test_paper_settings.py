@@ -84,7 +84,9 @@ def test_the_model_keeps_every_setting_it_is_given(tmp_path):
     for key, value in CHANGED.items():
         if key in ("class_channels", "box_channels", "prior_prob"):
             continue  # built into the heads, checked below
-        got = getattr(model, key)
+        # the loss settings live in the criterion, the decoding ones in the decoder, the rest in the model
+        owner = next(o for o in (model.criterion, model.decoder, model) if hasattr(o, key))
+        got = getattr(owner, key)
         assert (list(got) if isinstance(got, tuple) else got) == value, key
     assert model.class_head.score.in_channels == 8 and model.box_head.pred.in_channels == 12
     assert model.class_head.score.bias[0].item() == pytest.approx(-torch.log(torch.tensor(0.98 / 0.02)).item())

@@ -50,7 +50,7 @@ def test_box_only_has_no_mask_branch():
     assert set(losses) == {"loss_cls", "loss_box"}
     sum(losses.values()).backward()
     model.eval()
-    model.score_threshold = 0.0
+    model.decoder.score_threshold = 0.0
     dets = model.predict(model(torch.randn(1, 3, 128, 128)), [(128, 128)], [(64, 64)])
     assert dets[0].masks is None and len(dets[0]) == 100
 
@@ -99,7 +99,7 @@ def test_images_without_objects_train_without_nan(mode):
 
 def test_inference_with_no_detections():
     model = make_model("bipyramid").eval()
-    model.score_threshold = 0.5  # the prior probability is 0.01: nothing passes
+    model.decoder.score_threshold = 0.5  # the prior probability is 0.01: nothing passes
     out = model(torch.randn(2, 3, 64, 64))
     assert out.masks is None
     dets = model.predict(out, [(64, 64), (60, 50)], [(128, 128), (120, 100)])
@@ -110,7 +110,7 @@ def test_inference_with_no_detections():
 @pytest.mark.parametrize("nms_boxes", ["bb", "mask-bb"])
 def test_predict_outputs_in_original_coordinates(nms_boxes):
     model = make_model("bipyramid", nms_boxes=nms_boxes, max_detections=7, soft_masks=True).eval()
-    model.score_threshold = 0.0
+    model.decoder.score_threshold = 0.0
     with torch.no_grad():  # make masks non-empty so mask-bb boxes exist
         model.mask_head.predictors[0].bias.fill_(3.0)
         model.mask_head.predictors[1].bias.fill_(3.0)
@@ -163,7 +163,7 @@ def test_natural_region_equals_crop_of_full_mask(head):
 
 def test_predict_never_builds_dense_masks(monkeypatch):
     model = make_model("bipyramid", max_detections=5).eval()
-    model.score_threshold = 0.0
+    model.decoder.score_threshold = 0.0
     head = model.mask_head
 
     def forbidden(*args, **kwargs):
@@ -229,7 +229,7 @@ def test_mask_loss_same_with_sparse_or_dense_decoding(head):
     out = model(torch.randn(2, 3, 128, 128))
     losses, grads = [], []
     for factor in (0, 10**9):  # 0: always sparse (natural_at); huge: always dense (natural + gather)
-        model.dense_decode_factor = factor
+        model.criterion.dense_decode_factor = factor
         loss = model.losses(out, _targets(), SIZES)["loss_mask"]
         losses.append(loss.detach())
         grads.append(torch.autograd.grad(loss, model.mask_head.predictors[1].weight, retain_graph=True)[0])
@@ -271,7 +271,7 @@ def test_nearest_aligned_upscaling_is_instancefcn():
 def test_mask_only_predict_reports_mask_boxes(head):
     model = make_model(head, "mask_only", max_detections=4).eval()
     assert model.box_head is None and model.nms_boxes == "mask-bb"
-    model.score_threshold = 0.0
+    model.decoder.score_threshold = 0.0
     with torch.no_grad():
         for p in model.mask_head.predictors:
             p.bias.fill_(2.0)
@@ -285,7 +285,7 @@ def test_mask_only_predict_reports_mask_boxes(head):
 @pytest.mark.parametrize("head", ["bipyramid", "simple_natural"])
 def test_batched_predict_equals_single_image_predict(head):
     model = make_model(head, max_detections=6).eval()
-    model.score_threshold = 0.0
+    model.decoder.score_threshold = 0.0
     with torch.no_grad():
         for p in model.mask_head.predictors:
             p.bias.normal_(0.0, 2.0)

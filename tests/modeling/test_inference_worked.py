@@ -84,7 +84,7 @@ def _pasted(rows, cols, box):
 @pytest.mark.parametrize("batch_decode_cells", [64, 2])  # 2: every window's mask decoded on its in-image cells
 def test_decoding_equals_the_worked_example(batch_decode_cells):
     model = _model()
-    model.batch_decode_cells = batch_decode_cells
+    model.decoder.batch_decode_cells = batch_decode_cells
     det = model.predict(_output(), [SIZE], [ORIG])[0]
     assert det.labels.tolist() == [0, 0, 0, 2, 1]
     assert det.scores.tolist() == pytest.approx(SIG, abs=1e-6)

@@ -3,7 +3,20 @@
 import pytest
 import torch
 
-from tensormask.ops import Align2Nat, SwapAlign2Nat, UpAlign2Nat, align2nat, align2nat_at, swap_align2nat, swap_align2nat_at
+from tensormask.ops import (
+    Align2Nat,
+    SwapAlign2Nat,
+    UpAlign2Nat,
+    align2nat,
+    align2nat_at,
+    swap_align2nat,
+    swap_align2nat_at,
+    swap_align2nat_region,
+    up_align2nat,
+    up_align2nat_at,
+)
+from tensormask.ops.geometry import swap_geometry
+from tensormask.ops.reference import align2nat_reference
 
 GENERAL = dict(in_cells=(2, 3), out_cells=(5, 4), unit_hw=1.5, unit_vu=0.75, aligned_unit_hw=1.0, aligned_unit_vu=2.0)
 
@@ -50,3 +63,34 @@ def test_modules_run_their_functions():
     assert UpAlign2Nat(3, 9)(x).shape == (1, 81, 6, 6)
     x6 = torch.randn(1, 6, 9, 8)
     assert torch.equal(Align2Nat(**GENERAL)(x6), align2nat(x6, **GENERAL))
+
+
+@pytest.mark.parametrize("lam, size", [(1, (7, 5)), (2, (9, 6)), (8, (17, 9)), (16, (20, 24))])
+def test_swap_region_equals_the_reference(lam, size):
+    """One window on a block of its cells equals the reference op's dense output cropped there,
+    including blocks at the border of the window and windows reaching outside the input."""
+    s = 3
+    x = torch.randn(2, s * s, *size, dtype=torch.float64)
+    geom = swap_geometry(s, lam)
+    out_hw = geom.output_size(size)
+    dense = align2nat_reference(x, geom, out_hw, -6.0, "bilinear")  # (2, (lam S)^2, Hout, Wout)
+    cells = lam * s
+    cache = {}
+    for b, y, x_pos, region in [(0, 0, 0, (0, cells, 0, cells)), (1, out_hw[0] - 1, out_hw[1] - 1, (1, cells - 1, 2, cells)),
+                                (1, out_hw[0] // 2, 0, (cells // 2, cells, 0, max(1, cells // 3))), (0, 0, 1, (0, 1, 0, 1))]:
+        got = swap_align2nat_region(x, lam, b, y, x_pos, region, cache=cache)
+        v0, v1, u0, u1 = region
+        expected = dense[b, :, y, x_pos].view(cells, cells)[v0:v1, u0:u1]
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert swap_align2nat_region(x, lam, 0, 0, 0, (2, 2, 0, cells)).shape == (0, cells)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("lam, out_cells", [(3.0, 15), (1.5, 15), (11 / 4, 11)])
+def test_up_at_equals_dense(mode, lam, out_cells):
+    s = round(out_cells / lam)
+    x = torch.randn(2, s * s, 6, 7, dtype=torch.float64)
+    dense = up_align2nat(x, lam, (out_cells, out_cells), -4.0, mode)
+    b, ys, xs = _positions(2, 6, 7, 12, seed=3)
+    sparse = up_align2nat_at(x, lam, (out_cells, out_cells), b, ys, xs, -4.0, mode)
+    assert torch.equal(sparse, dense[b, :, ys, xs])

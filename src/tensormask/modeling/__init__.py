@@ -20,12 +20,20 @@ from .heads import (
     UpscalingAlignedMaskHead,
     UpscalingNaturalMaskHead,
 )
+from .inference import NMS_STRATEGIES, MaskBoxNMS, RegressedBoxNMS, TensorMaskDecoder
+from .losses import Positives, TensorMaskCriterion
 from .tensormask import TensorMask, TensorMaskOutput
-from .windows import Windows, decode_boxes, encode_boxes, make_windows
+from .windows import Windows, decode_boxes, encode_boxes, flatten_per_window, make_windows
 
 __all__ = [
     "TensorMask",
     "TensorMaskOutput",
+    "TensorMaskCriterion",
+    "Positives",
+    "TensorMaskDecoder",
+    "NMS_STRATEGIES",
+    "RegressedBoxNMS",
+    "MaskBoxNMS",
     "ResNet",
     "ResNetFPN",
     "FrozenBatchNorm2d",
@@ -44,6 +52,7 @@ __all__ = [
     "mask_targets",
     "Windows",
     "make_windows",
+    "flatten_per_window",
     "encode_boxes",
     "decode_boxes",
     "CheckpointMismatch",

@@ -238,17 +238,20 @@ class UpscalingAlignedMaskHead(_UpscalingMaskHead):
     raw[level][a]: (N, s*s, H_k, W_k) aligned logits whose cells are S/s natural cells wide.
     """
 
-    def _geometry(self, window: int) -> dict:
+    def _lambda(self, window: int) -> float:
+        """The effective upscaling factor S / s of window ``window``."""
         size = self.window_sizes[window]
-        s = self.predicted_cells(size)
-        return dict(in_cells=(s, s), out_cells=(size, size), unit_hw=1.0, unit_vu=1.0, aligned_unit_hw=1.0,
-                    aligned_unit_vu=size / s, pad_val=self.pad_val, mode=self.interpolation)
+        return size / self.predicted_cells(size)
 
     def natural(self, pred, level, window):
-        return ops.align2nat(pred.raw[level][window], **self._geometry(window))
+        size = self.window_sizes[window]
+        return ops.up_align2nat(pred.raw[level][window], self._lambda(window), (size, size), self.pad_val,
+                                self.interpolation)
 
     def natural_at(self, pred, level, window, batch_index, ys, xs):
-        return ops.align2nat_at(pred.raw[level][window], batch_index, ys, xs, **self._geometry(window))
+        size = self.window_sizes[window]
+        return ops.up_align2nat_at(pred.raw[level][window], self._lambda(window), (size, size), batch_index, ys, xs,
+                                   self.pad_val, self.interpolation)
 
 
 class BipyramidMaskHead(MaskHead):
@@ -299,56 +302,10 @@ class BipyramidMaskHead(MaskHead):
         return ops.swap_align2nat(pred.raw[level][window], 2**level, pad_val=self.pad_val)
 
     def natural_region_at(self, pred, level, window, batch_index, y, x, region):
-        """swap_align2nat(lambda = 2^level) at one window, only on cells [v0, v1) x [u0, u1).
-
-        The 16-tap interpolation of paper-facts section 4 is separable: the row tap and the V-cell
-        tap depend only on v, the column tap and the U-cell tap only on u. So it is evaluated as
-        two small gathers (v side, then u side) on the aligned tensor padded by one pad-valued
-        border in every axis (a tap outside the input is clamped onto that border and reads the pad
-        value). Equal to ``natural_at`` up to float summation order.
-        """
-        v0, v1, u0, u1 = region
-        x_al = pred.raw[level][window][batch_index]  # (S*S, H2, W2)
-        if v1 <= v0 or u1 <= u0:
-            return x_al.new_zeros(max(v1 - v0, 0), max(u1 - u0, 0))
-        s = self.window_sizes[window]
-        lam = 2**level
-        out_cells = lam * s
-        _, h2, w2 = x_al.shape
-        key = ("padded", level, window, batch_index)
-        if key not in pred.cache:
-            padded = F.pad(x_al.reshape(s, s, h2, w2), (1, 1, 1, 1, 1, 1, 1, 1), value=self.pad_val)
-            # rows of (U-cell, column) slabs indexed by (V-cell, grid row): one index_select per tap
-            pred.cache[key] = padded.permute(0, 2, 1, 3).reshape((s + 2) * (h2 + 2), s + 2, w2 + 2)
-        slabs = pred.cache[key]  # ((S+2)*(H2+2), S+2, W2+2)
-
-        def taps(pos: int, first: int, last: int, size: int):
-            """Grid and cell taps (indices into the padded tensor) and weights for cells [first, last)."""
-            c = torch.arange(first, last, device=x_al.device, dtype=torch.float32)
-            grid = lam * pos + c - out_cells / 2 + 0.5  # position on the aligned grid
-            cell = (c + 0.5) / lam - 0.5  # position among the S aligned cells
-            g0, k0 = torch.floor(grid), torch.floor(cell)
-            wg, wk = grid - g0, cell - k0
-            g0, k0 = g0.long() + 1, k0.long() + 1  # +1: the pad border
-            gi = [g0.clamp(0, size + 1), (g0 + 1).clamp(0, size + 1)]
-            ki = [k0.clamp(0, s + 1), (k0 + 1).clamp(0, s + 1)]
-            return gi, [1 - wg, wg], ki, [1 - wk, wk]
-
-        rows, w_rows, vcells, w_v = taps(y, v0, v1, h2)
-        cols, w_cols, ucells, w_u = taps(x, u0, u1, w2)
-        c_lo, c_hi = int(cols[0].min()), int(cols[1].max()) + 1
-        stage = None  # (Lv, S+2, Wc): v side contracted
-        for r, wr in zip(rows, w_rows):
-            for k, wk in zip(vcells, w_v):
-                band = slabs.index_select(0, k * (h2 + 2) + r)[:, :, c_lo:c_hi]  # (Lv, S+2, Wc)
-                term = (wr * wk)[:, None, None] * band
-                stage = term if stage is None else stage + term
-        out = None  # (Lv, Lu)
-        for c, wc in zip(cols, w_cols):
-            for k, wk in zip(ucells, w_u):
-                term = (wc * wk)[None, :] * stage[:, k, c - c_lo]
-                out = term if out is None else out + term
-        return out
+        """swap_align2nat(lambda = 2^level) at one window, only on cells [v0, v1) x [u0, u1)."""
+        cache = pred.cache.setdefault(("swap_region", level, window), {})
+        return ops.swap_align2nat_region(pred.raw[level][window], 2**level, batch_index, y, x, region,
+                                         pad_val=self.pad_val, cache=cache)
 
     def natural_at(self, pred, level, window, batch_index, ys, xs):
         return ops.swap_align2nat_at(pred.raw[level][window], 2**level, batch_index, ys, xs, pad_val=self.pad_val)

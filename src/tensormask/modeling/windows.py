@@ -78,6 +78,16 @@ def make_windows(
     )
 
 
+def flatten_per_window(per_level: list[Tensor], channels: int) -> Tensor:
+    """Head outputs per level (N, A*C, H_k, W_k) -> (N, M, C), M = sum_k H_k*W_k*A windows in the
+    order of :func:`make_windows` (level, y, x, a); channel a*C + c of a level is window a's c."""
+    flat = []
+    for x in per_level:
+        n, _, h, w = x.shape
+        flat.append(x.view(n, -1, channels, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, channels))
+    return torch.cat(flat, dim=1)
+
+
 BOX_WEIGHTS = (1.5, 1.5, 0.75, 0.75)
 SCALE_CLAMP = float(torch.log(torch.tensor(1000.0 / 16)))
 

@@ -9,11 +9,23 @@ Dense ops (compiled kernels `torch.ops.tensormask.*`, or the pure-PyTorch refere
 Sparse evaluation at D output positions (inference; pure PyTorch, differentiable):
   align2nat_at(x, batch_index, ys, xs, *, <align2nat's keywords>) -> (D, Vout*Uout)
   swap_align2nat_at(x, lambda_val, batch_index, ys, xs, pad_val=-6.0) -> (D, (lambda S)^2)
+  up_align2nat_at(x, lambda_val, out_cells, batch_index, ys, xs, pad_val=-6.0, mode="bilinear") -> (D, Vout*Uout)
+Sparse evaluation of one window on a block of its cells (inference of large windows):
+  swap_align2nat_region(x, lambda_val, batch_index, y, x_pos, (v0, v1, u0, u1), pad_val=-6.0, cache=None)
+                                                -> (v1 - v0, u1 - u0)
 Modules: Align2Nat, SwapAlign2Nat, UpAlign2Nat. backend_summary() says which backend runs.
 """
 
 from .backend import backend_summary
-from .functional import align2nat, align2nat_at, swap_align2nat, swap_align2nat_at, up_align2nat
+from .functional import (
+    align2nat,
+    align2nat_at,
+    swap_align2nat,
+    swap_align2nat_at,
+    swap_align2nat_region,
+    up_align2nat,
+    up_align2nat_at,
+)
 from .modules import Align2Nat, SwapAlign2Nat, UpAlign2Nat
 
 __all__ = [
@@ -25,5 +37,7 @@ __all__ = [
     "backend_summary",
     "swap_align2nat",
     "swap_align2nat_at",
+    "swap_align2nat_region",
     "up_align2nat",
+    "up_align2nat_at",
 ]

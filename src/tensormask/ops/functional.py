@@ -150,3 +150,94 @@ def swap_align2nat_at(
     geom = swap_geometry(swap_cells(x), int(lambda_val))
     _check_positions(x, batch_index, ys, xs)
     return align2nat_at_reference(x, geom, batch_index.long(), ys.long(), xs.long(), float(pad_val), "bilinear")
+
+
+def up_align2nat_at(
+    x: torch.Tensor,
+    lambda_val: float,
+    out_cells,
+    batch_index: torch.Tensor,
+    ys: torch.Tensor,
+    xs: torch.Tensor,
+    pad_val: float = -6.0,
+    mode: str = "bilinear",
+) -> torch.Tensor:
+    """`up_align2nat` evaluated at D output positions only.
+
+    x: aligned (N, (Vout/lambda)*(Uout/lambda), H, W); batch_index, ys, xs: int (D,) positions on the
+    (H, W) grid. Returns (D, Vout*Uout) = up_align2nat(x, lambda_val, out_cells)[batch_index, :, ys, xs].
+    """
+    check_input(x)
+    check_mode(mode)
+    geom = up_geometry(x, check_lambda(lambda_val, integer=False), out_cells)
+    _check_positions(x, batch_index, ys, xs)
+    return align2nat_at_reference(x, geom, batch_index.long(), ys.long(), xs.long(), float(pad_val), mode)
+
+
+def swap_align2nat_region(
+    x: torch.Tensor,
+    lambda_val: int,
+    batch_index: int,
+    y: int,
+    x_pos: int,
+    region: tuple[int, int, int, int],
+    pad_val: float = -6.0,
+    cache: dict | None = None,
+) -> torch.Tensor:
+    """`swap_align2nat` of ONE window, only on its cells [v0, v1) x [u0, u1).
+
+    x: aligned (N, S*S, Hin, Win); (batch_index, y, x_pos): the window's position on the output grid;
+    region = (v0, v1, u0, u1) within [0, lambda*S). Returns (v1 - v0, u1 - u0) =
+    swap_align2nat(x, lambda_val)[batch_index, :, y, x_pos].view(lambda*S, lambda*S)[v0:v1, u0:u1],
+    equal up to float summation order. Inference asks only for the cells that land in the image
+    (the bipyramid's large windows reach far outside it). ``cache``: a dict reused across calls on
+    the same x (holds the pad-bordered image of batch_index).
+
+    The 16-tap interpolation (appendix A.1 eq. (5); docs/ops.md) is separable: the row tap and the
+    V-cell tap depend only on v, the column tap and the U-cell tap only on u. So it is evaluated as
+    two small gathers (v side, then u side) on x padded by one pad-valued border in every axis (a
+    tap outside the input is clamped onto that border and reads the pad value).
+    """
+    v0, v1, u0, u1 = region
+    x_al = x[batch_index]  # (S*S, H2, W2)
+    if v1 <= v0 or u1 <= u0:
+        return x_al.new_zeros(max(v1 - v0, 0), max(u1 - u0, 0))
+    s = swap_cells(x)
+    lam = int(lambda_val)
+    out_cells = lam * s
+    _, h2, w2 = x_al.shape
+    cache = {} if cache is None else cache
+    key = ("padded", batch_index)
+    if key not in cache:
+        padded = torch.nn.functional.pad(x_al.reshape(s, s, h2, w2), (1, 1, 1, 1, 1, 1, 1, 1), value=pad_val)
+        # rows of (U-cell, column) slabs indexed by (V-cell, grid row): one index_select per tap
+        cache[key] = padded.permute(0, 2, 1, 3).reshape((s + 2) * (h2 + 2), s + 2, w2 + 2)
+    slabs = cache[key]  # ((S+2)*(H2+2), S+2, W2+2)
+
+    def taps(pos: int, first: int, last: int, size: int):
+        """Grid and cell taps (indices into the padded tensor) and weights for cells [first, last)."""
+        c = torch.arange(first, last, device=x_al.device, dtype=torch.float32)
+        grid = lam * pos + c - out_cells / 2 + 0.5  # position on the aligned grid
+        cell = (c + 0.5) / lam - 0.5  # position among the S aligned cells
+        g0, k0 = torch.floor(grid), torch.floor(cell)
+        wg, wk = grid - g0, cell - k0
+        g0, k0 = g0.long() + 1, k0.long() + 1  # +1: the pad border
+        gi = [g0.clamp(0, size + 1), (g0 + 1).clamp(0, size + 1)]
+        ki = [k0.clamp(0, s + 1), (k0 + 1).clamp(0, s + 1)]
+        return gi, [1 - wg, wg], ki, [1 - wk, wk]
+
+    rows, w_rows, vcells, w_v = taps(y, v0, v1, h2)
+    cols, w_cols, ucells, w_u = taps(x_pos, u0, u1, w2)
+    c_lo, c_hi = int(cols[0].min()), int(cols[1].max()) + 1
+    stage = None  # (Lv, S+2, Wc): v side contracted
+    for r, wr in zip(rows, w_rows):
+        for k, wk in zip(vcells, w_v):
+            band = slabs.index_select(0, k * (h2 + 2) + r)[:, :, c_lo:c_hi]  # (Lv, S+2, Wc)
+            term = (wr * wk)[:, None, None] * band
+            stage = term if stage is None else stage + term
+    out = None  # (Lv, Lu)
+    for c, wc in zip(cols, w_cols):
+        for k, wk in zip(ucells, w_u):
+            term = (wc * wk)[None, :] * stage[:, k, c - c_lo]
+            out = term if out is None else out + term
+    return out
