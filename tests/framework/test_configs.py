@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from framework_helpers import CONF, TINY_DATA, compose_config, tiny_train_config
 from tensormask.framework import ConfigError, DetectionDataModule, validate_config
@@ -56,8 +56,21 @@ def test_tensormask_options_instantiate(tmp_path, head, mode):
     cfg = compose_config("train", [f"model/mask_head={head}", f"mode={mode}", *extra], tmp_path)
     validate_config(cfg)
     model = build_model(cfg)
-    assert model.mode == mode
     assert (model.mask_head is None) == (mode == "box_only")
+    assert (model.box_head is None) == (mode == "mask_only")
+    assert model.nms_boxes == ("mask-bb" if mode == "mask_only" else "bb")
+    if mode == "box_only":  # no mask head is even built
+        assert cfg.model.mask_head is None and list(cfg.module.evaluator.iou_types) == ["bbox"]
+
+
+@pytest.mark.parametrize("mode", ["box_only", "mask_only"])
+def test_run_configs_saved_with_a_mode_string_still_build(tmp_path, mode):
+    """Runs saved before the mode files set the model's keys carry `model.mode`."""
+    cfg = compose_config("train", [], tmp_path)
+    with open_dict(cfg):
+        cfg.model.mode = mode
+    model = build_model(cfg)
+    assert (model.mask_head is None) == (mode == "box_only") and (model.box_head is None) == (mode == "mask_only")
 
 
 @pytest.mark.parametrize("model_name", ["tensormask", "maskrcnn", "fasterrcnn", "retinanet"])
@@ -269,5 +282,5 @@ def test_batch_must_split_over_processes(tmp_path):
 
 def test_mode_applies_to_tensormask_only(tmp_path):
     cfg = compose_config("train", ["model=maskrcnn", "mode=box_only"], tmp_path)
-    with pytest.raises(ConfigError, match="mode='box_only': the modes apply to TensorMask only"):
+    with pytest.raises(ConfigError, match="mode=box_only / mode=mask_only apply to TensorMask only"):
         validate_config(cfg)

@@ -49,7 +49,7 @@ def test_paper_recipes_compose_to_the_paper_numbers(tmp_path, experiment):
     assert model["mask_head"]["_target_"] == "tensormask.modeling.BipyramidMaskHead"
     assert {k: model["mask_head"][k] for k in HEAD} == HEAD and model["mask_head"]["window_sizes"] == [11, 15]
     assert model["backbone"]["depth"] == depth and {k: model["backbone"][k] for k in BACKBONE} == BACKBONE
-    assert cfg.mode == "full"
+    assert model["box_head"] is True and model["nms_boxes"] is None  # mode=full: every head, NMS on "bb"
     # data=coco takes its classes from the annotation file at the start of a run (80 for COCO 2017;
     # tests/framework/test_user_paths.py)
     assert model["num_classes"] is None and cfg.data.num_classes is None
@@ -91,6 +91,6 @@ def test_the_model_keeps_every_setting_it_is_given(tmp_path):
     assert model.class_head.score.in_channels == 8 and model.box_head.pred.in_channels == 12
     assert model.class_head.score.bias[0].item() == pytest.approx(-torch.log(torch.tensor(0.98 / 0.02)).item())
     configured = set(OmegaConf.to_container(compose_config("train", ["model=tensormask"]).model)) - {"_target_"}
-    untested = configured - set(CHANGED) - {"backbone", "mask_head", "num_classes", "window_sizes", "num_convs", "mode",
+    untested = configured - set(CHANGED) - {"backbone", "mask_head", "num_classes", "window_sizes", "num_convs", "box_head",
                                              "nms_boxes"}
     assert not untested, f"add these model keys to CHANGED: {sorted(untested)}"

@@ -66,7 +66,7 @@ def test_tiny_run_each_mode(tmp_path, mode):
     metrics, objects = train(tiny_train_config(run_dir, f"mode={mode}"))
     _check_run(run_dir, metrics, steps=2, with_masks=mode != "box_only")
     model = objects["model"]
-    assert model.mode == mode
+    assert (model.mask_head is None) == (mode == "box_only") and (model.box_head is None) == (mode == "mask_only")
     logged = logged_keys(run_dir)
     if mode == "box_only":
         assert "train/loss_mask" not in logged and model.mask_head is None

@@ -129,8 +129,11 @@ def test_predict_outputs_in_original_coordinates(nms_boxes):
 
 
 def test_mode_validation():
-    with pytest.raises(ValueError, match="mode"):
-        make_model(mode="boxes")
+    from tensormask.modeling import TensorMask
+    with pytest.raises(ValueError, match="a box head, a mask head or both"):
+        TensorMask(ResNetFPN(depth=18, norm="GN", out_channels=32), None, box_head=False)
+    with pytest.raises(ValueError, match="no masks"):
+        make_model(mode="box_only", nms_boxes="mask-bb")
     with pytest.raises(ValueError, match="mask-bb"):
         make_model(mode="mask_only", nms_boxes="bb")
     with pytest.raises(ValueError, match="window_sizes"):

@@ -15,10 +15,11 @@ def make_head(name: str, channels: int = 16, window_sizes=(11, 15), **kwargs):
 
 
 def make_model(head: str = "bipyramid", mode: str = "full", num_classes: int = 3, window_sizes=(11, 15), **kwargs):
+    """mode: "full", "box_only" (no mask head) or "mask_only" (no box head), as conf/mode/ sets them."""
     backbone = ResNetFPN(depth=18, norm="GN", freeze_at=0, out_channels=32)
     mask_head = make_head(head, window_sizes=window_sizes) if mode != "box_only" else None
-    return TensorMask(backbone, mask_head, num_classes=num_classes, window_sizes=window_sizes, mode=mode,
-                      class_channels=32, box_channels=16, num_convs=2, **kwargs)
+    return TensorMask(backbone, mask_head, num_classes=num_classes, window_sizes=window_sizes,
+                      box_head=mode != "mask_only", class_channels=32, box_channels=16, num_convs=2, **kwargs)
 
 
 def rectangle_target(h, w, box, label):

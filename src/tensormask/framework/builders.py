@@ -30,6 +30,15 @@ def instantiate_list(cfg: DictConfig | None) -> list[Any]:
 
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
+    if "mode" in cfg.model:
+        # a run saved before the mode files set the model's own keys (model.mode: full|box_only|mask_only)
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        mode = model_cfg.pop("mode")
+        if mode == "box_only":
+            model_cfg["mask_head"] = None
+        elif mode == "mask_only":
+            model_cfg["box_head"] = False
+        return instantiate(model_cfg)
     return instantiate(cfg.model)
 
 

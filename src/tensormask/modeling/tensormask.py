@@ -1,6 +1,8 @@
-"""The TensorMask model: backbone -> class / box / mask heads -> (train) assignment + losses,
-(test) inference. Modes (appendix A.3, A.4): "full", "box_only" (no mask branch), "mask_only" (no box
-head: windows serve as boxes and NMS uses the masks' bounding boxes).
+"""The TensorMask network: backbone -> class / box / mask heads; (train) the criterion of losses.py,
+(test) the decoder of inference.py. Which heads exist is the model's "mode" (appendix A.3, A.4; the
+config group ``mode`` sets these keys): all three ("full"), no mask head (``mask_head=None``: box-only,
+no mask branch is built), or no box head (``box_head=False``: mask-only, the windows serve as boxes
+and NMS uses the masks' bounding boxes).
 
     model = TensorMask(backbone=ResNetFPN(...), mask_head=BipyramidMaskHead(...), num_classes=K)
     out = model(batch.images)                                      # TensorMaskOutput
@@ -21,7 +23,6 @@ from .inference import NMS_STRATEGIES, TensorMaskDecoder
 from .losses import TensorMaskCriterion
 from .windows import BOX_WEIGHTS, Windows, make_windows
 
-MODES = ("full", "box_only", "mask_only")
 NMS_BOXES = tuple(NMS_STRATEGIES)
 
 
@@ -31,8 +32,8 @@ class TensorMaskOutput:
 
     features: FPN levels P2.. (N, C, H_k, W_k).
     logits:   per level (N, A*K, H_k, W_k), channel a*K + k.
-    deltas:   per level (N, A*4, H_k, W_k), channel a*4 + j; None in mask_only mode.
-    masks:    the mask head's raw prediction (training mode), or None (box_only mode, or eval mode,
+    deltas:   per level (N, A*4, H_k, W_k), channel a*4 + j; None without a box head.
+    masks:    the mask head's raw prediction (training mode), or None (no mask head, or eval mode,
               where ``predict`` computes only what the surviving detections need).
     """
 
@@ -48,13 +49,14 @@ class TensorMask(nn.Module):
     Args:
         backbone: module mapping images (N, 3, H, W) to a list of levels; needs ``out_channels``
             and ``strides`` attributes (e.g. :class:`~tensormask.modeling.backbone.ResNetFPN`).
-        mask_head: one of the mask-head designs in :mod:`tensormask.modeling.heads` (ignored in
-            box_only mode).
+        mask_head: one of the mask-head designs in :mod:`tensormask.modeling.heads`, or None (a
+            box-only model: no masks, no mask loss).
         num_classes: K foreground classes (labels 0..K-1).
         window_sizes: window sides in cells at each level's unit (must match the mask head's).
-        mode: "full", "box_only" or "mask_only".
-        nms_boxes: "bb" (regressed boxes) or "mask-bb" (bounding boxes of the masks); these boxes
-            are also the reported ones. Default: "bb", or "mask-bb" in mask_only mode.
+        box_head: build the box head (False: a mask-only model, Table 5; needs a mask head).
+        nms_boxes: "bb" (regressed boxes, or the windows without a box head) or "mask-bb"
+            (bounding boxes of the masks); these boxes are also the reported ones. Default: "bb",
+            or "mask-bb" without a box head.
         class_channels, box_channels, num_convs: class / box tower widths and depth.
         prior_prob: initial class probability.
         focal_alpha, focal_gamma, focal_shift: FL* parameters (shift 0: detectron2's FL*; see
@@ -75,7 +77,7 @@ class TensorMask(nn.Module):
         mask_head: MaskHead | None = None,
         num_classes: int = 80,
         window_sizes: tuple[int, ...] = (11, 15),
-        mode: str = "full",
+        box_head: bool = True,
         nms_boxes: str | None = None,
         class_channels: int = 256,
         box_channels: int = 128,
@@ -102,26 +104,23 @@ class TensorMask(nn.Module):
         input_format: str = "RGB",
     ):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mask_head is None and not box_head:
+            raise ValueError("a TensorMask needs a box head, a mask head or both (box_head=False and mask_head=None)")
         if nms_boxes is None:
-            nms_boxes = "mask-bb" if mode == "mask_only" else "bb"
+            nms_boxes = "bb" if box_head else "mask-bb"
         if nms_boxes not in NMS_BOXES:
             raise ValueError(f"nms_boxes must be one of {NMS_BOXES}, got {nms_boxes!r}")
-        if mode == "mask_only" and nms_boxes != "mask-bb":
-            raise ValueError("mask_only mode has no box head: nms_boxes must be 'mask-bb'")
-        if mode == "box_only" and nms_boxes != "bb":
-            raise ValueError("box_only mode has no masks: nms_boxes must be 'bb'")
-        if mode != "box_only":
-            if mask_head is None:
-                raise ValueError(f"mode {mode!r} needs a mask_head")
+        if not box_head and nms_boxes != "mask-bb":
+            raise ValueError("a model without a box head (box_head=False) needs nms_boxes='mask-bb'")
+        if mask_head is None and nms_boxes != "bb":
+            raise ValueError("a model without a mask head has no masks: nms_boxes must be 'bb'")
+        if mask_head is not None:
             if tuple(mask_head.window_sizes) != tuple(window_sizes):
                 raise ValueError(
                     f"mask_head.window_sizes={tuple(mask_head.window_sizes)} != window_sizes={tuple(window_sizes)}")
             if mask_head.num_levels != len(backbone.strides):
                 raise ValueError(f"mask_head.num_levels={mask_head.num_levels} but the backbone has "
                                  f"{len(backbone.strides)} levels")
-        self.mode = mode
         self.backbone = backbone
         self.num_classes = num_classes
         self.window_sizes = tuple(int(s) for s in window_sizes)
@@ -129,8 +128,8 @@ class TensorMask(nn.Module):
         channels = backbone.out_channels
         num_windows = len(self.window_sizes)
         self.class_head = ClassHead(channels, num_classes, num_windows, class_channels, num_convs, prior_prob)
-        self.box_head = BoxHead(channels, num_windows, box_channels, num_convs) if mode != "mask_only" else None
-        self.mask_head = mask_head if mode != "box_only" else None
+        self.box_head = BoxHead(channels, num_windows, box_channels, num_convs) if box_head else None
+        self.mask_head = mask_head
         min_size = float(min(self.window_sizes) * self.strides[0] - self.strides[0]) if min_size is None else min_size
         self.criterion = TensorMaskCriterion(
             num_classes, focal_alpha=focal_alpha, focal_gamma=focal_gamma, focal_shift=focal_shift,
@@ -167,8 +166,8 @@ class TensorMask(nn.Module):
         """The training losses (:class:`~tensormask.modeling.losses.TensorMaskCriterion`).
 
         targets: per image ``boxes`` (N, 4) xyxy, ``labels`` (N,), ``masks`` (N, h, w) uint8, in
-        resized-image pixels. Returns {"loss_cls", "loss_box" (not in mask_only), "loss_mask"
-        (not in box_only)}.
+        resized-image pixels. Returns {"loss_cls", "loss_box" (with a box head), "loss_mask"
+        (with a mask head)}.
         """
         return self.criterion(out, self.windows(out), targets, self.mask_head)
 
