@@ -284,3 +284,23 @@ def test_mode_applies_to_tensormask_only(tmp_path):
     cfg = compose_config("train", ["model=maskrcnn", "mode=box_only"], tmp_path)
     with pytest.raises(ConfigError, match="mode=box_only / mode=mask_only apply to TensorMask only"):
         validate_config(cfg)
+
+
+def test_backbone_weights_are_loaded_where_the_model_is_built(tmp_path):
+    """model.backbone.weights (a torchvision-style .pth here) reaches the ResNet trunk through
+    build_model; the backbone constructor itself reads no files."""
+    from tensormask.modeling import ResNet
+
+    source = ResNet(18, norm="FrozenBN")
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_()
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    cfg = compose_config("train", ["model.backbone.norm=FrozenBN", "model.backbone.freeze_at=2",
+                                   f"model.backbone.weights={path}"], tmp_path)
+    model = build_model(cfg)
+    got = model.backbone.bottom_up.state_dict()
+    for name, value in source.state_dict().items():
+        assert torch.equal(got[name], value), name
+    assert not model.backbone.bottom_up.layer1[0].conv1.weight.requires_grad  # frozen after loading

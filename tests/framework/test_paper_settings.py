@@ -1,8 +1,8 @@
 """The paper recipes, composed as a user runs them, hold the paper's / detectron2's numbers, and the
 model built from them keeps every setting it is given.
 
-Sources: the paper (Chen et al., ICCV 2019) section 3.3 "Label assignment", section 4
-"Training" / "Inference", Table 3; detectron2's projects/TensorMask configs (docs/model.md).
+Sources: the paper (Chen et al., ICCV 2019): its "Label assignment", "Loss", "Training" and
+"Inference" paragraphs and Table 3; detectron2's projects/TensorMask configs (docs/model.md).
 """
 
 import pytest

@@ -2,7 +2,7 @@
 levels (strides 8 and 16) and two window sizes (3 and 5 cells).
 
 Which windows are positive (and for which object) is derived by hand below from the assignment
-rule (containment, scale, centrality, uniqueness; paper section 3.3 "Label assignment" / docs/model.md);
+rule (containment, scale, centrality, uniqueness; the paper's "Label assignment", docs/model.md);
 each loss term is then recomputed here from those positives with the formulas written out in this
 file (FL* with detectron2's shift 0, L1 on the weighted deltas, foreground-weighted BCE averaged over
 a window's cells), reading the head outputs in the documented channel layout (class a*K + k,

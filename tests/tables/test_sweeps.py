@@ -156,7 +156,7 @@ def test_composed_values_are_the_rows_design():
     assert list(t2d["two_windows"].model.window_sizes) == [11, 15]
     assert _target(t2d["one_window"], "model.mask_head._target_").endswith("BipyramidMaskHead")
     t5 = dict(_compose_rows("table5", "paper"))
-    assert [t5[r].mode for r in t5] == ["full", "full", "mask_only"]
+    assert [t5[r].model.box_head for r in t5] == [True, True, False]  # mode=mask_only: no box head
     assert [t5[r].model.nms_boxes for r in t5] == ["bb", "mask-bb", "mask-bb"]
 
     t3 = dict(_compose_rows("table3", "paper"))
@@ -169,7 +169,7 @@ def test_composed_values_are_the_rows_design():
     # RetinaNet's base LR is detectron2's Base-RetinaNet.yaml 0.01; the other rows keep the schedule's 0.02
     assert [t4[r].module.base_lr for r in t4] == [0.01, 0.01, 0.02, 0.02, 0.02, 0.02]
     assert [t4[r].data.global_batch_size for r in t4] == [16] * 6
-    assert t4["tensormask_box_only"].mode == "box_only" and t4["tensormask"].mode == "full"
+    assert t4["tensormask_box_only"].model.mask_head is None and t4["tensormask"].model.mask_head is not None
     t4_mini = dict(_compose_rows("table4", "mini"))
     assert t4_mini["retinanet_24ep"].trainer.max_steps == round(t4_mini["retinanet_72ep"].trainer.max_steps / 3)
 

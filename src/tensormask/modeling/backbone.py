@@ -8,7 +8,6 @@ Parameter names follow torchvision's ResNet (``conv1``, ``bn1``, ``layer1``..``l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -208,14 +207,6 @@ def c2_xavier_fill(conv: nn.Conv2d) -> None:
         nn.init.zeros_(conv.bias)
 
 
-@dataclass
-class BackboneSpec:
-    """What the heads need to know about the backbone output."""
-
-    channels: int
-    strides: tuple[int, ...]
-
-
 class ResNetFPN(nn.Module):
     """ResNet + FPN producing P2-P7 (strides 4..128), all with ``out_channels`` channels.
 
@@ -227,8 +218,10 @@ class ResNetFPN(nn.Module):
         depth, norm, stride_in_1x1, freeze_at: see :class:`ResNet`.
         out_channels: FPN width (256 in the paper).
         fuse_type: "avg" or "sum".
-        weights: optional path to backbone weights (torchvision ``.pth`` state dict or detectron2
-            ``.pkl``), loaded into the ResNet trunk.
+
+    ImageNet weights are loaded into the trunk (``bottom_up``) where the model is assembled
+    (:func:`tensormask.framework.builders.build_model`, from ``model.backbone.weights``), with
+    :func:`~tensormask.modeling.detectron2_import.load_backbone_weights`.
     """
 
     def __init__(
@@ -239,7 +232,6 @@ class ResNetFPN(nn.Module):
         freeze_at: int = 2,
         out_channels: int = 256,
         fuse_type: str = "avg",
-        weights: str | None = None,
     ):
         super().__init__()
         if fuse_type not in ("avg", "sum"):
@@ -255,15 +247,8 @@ class ResNetFPN(nn.Module):
         self.p7 = nn.Conv2d(out_channels, out_channels, 3, 2, 1)
         for conv in [*self.lateral_convs, *self.output_convs, self.p6, self.p7]:
             c2_xavier_fill(conv)
-        if weights is not None:
-            from tensormask.modeling.detectron2_import import load_backbone_weights
-
-            load_backbone_weights(self.bottom_up, weights)
+        self.freeze_at = freeze_at
         self.bottom_up.freeze(freeze_at)
-
-    @property
-    def spec(self) -> BackboneSpec:
-        return BackboneSpec(self.out_channels, self.strides)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """x (N, 3, H, W), H and W multiples of 32 -> [P2 (N, C, H/4, W/4), ..., P7 (N, C, ~H/128, ~W/128)]."""

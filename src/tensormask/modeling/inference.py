@@ -1,4 +1,4 @@
-"""TensorMask's decoding (paper section 4 "Inference"; docs/model.md): score threshold, top-k over all
+"""TensorMask's decoding (the paper's "Inference" paragraph; docs/model.md): score threshold, top-k over all
 levels, per-class NMS on the boxes of an NMS strategy, the kept windows' masks pasted into the image.
 
     decoder = TensorMaskDecoder(num_classes=K, nms_boxes="bb", ...)

@@ -1,5 +1,5 @@
-"""TensorMask's training criterion (paper section 3.3 "Label assignment" and section 4 "Training";
-docs/model.md "Losses"): assignment -> targets -> the three losses, each divided by max(1, #positives).
+"""TensorMask's training criterion (the paper's "Label assignment" and "Loss" paragraphs; docs/model.md):
+assignment -> targets -> the three losses, each divided by max(1, #positives).
 
     criterion = TensorMaskCriterion(num_classes=K, ...)
     losses = criterion(out, windows, targets, mask_head)   # {"loss_cls", "loss_box", "loss_mask"}
