@@ -103,11 +103,11 @@ def _object(i, gt):
     return [o for o in OBJECTS if o[0] == i][gt]
 
 
-def _expected(out):
-    """The three losses recomputed from POSITIVES with the formulas of the paper / detectron2."""
+def _expected(out, positives=POSITIVES):
+    """The three losses recomputed from the positives with the formulas of the paper / detectron2."""
     cls_target = [torch.zeros_like(x) for x in out.logits]
     box_sum, mask_sum = 0.0, 0.0
-    for i, level, y, x, a, obj in POSITIVES:
+    for i, level, y, x, a, obj in positives:
         _, (bx0, by0, bx1, by1), label = OBJECTS[obj]
         cls_target[level][i, a * K + label, y, x] = 1.0
         wx0, wy0, wx1, wy1 = _window(level, y, x, a)
@@ -128,7 +128,8 @@ def _expected(out):
     for z, t in zip(out.logits, cls_target):
         x_t = torch.where(t > 0, z, -z)
         cls_sum += (-F.logsigmoid(GAMMA * x_t + SHIFT) / GAMMA * torch.where(t > 0, ALPHA, 1 - ALPHA)).sum().item()
-    return {"loss_cls": cls_sum / NUM_POS, "loss_box": box_sum / NUM_POS, "loss_mask": mask_sum / NUM_POS}
+    n = len(positives)
+    return {"loss_cls": cls_sum / n, "loss_box": box_sum / n, "loss_mask": mask_sum / n}
 
 
 def test_the_positives_are_the_hand_derived_ones():
@@ -153,6 +154,33 @@ def test_criterion_equals_the_worked_example():
     assert set(got) == set(expected)
     for key in expected:
         assert got[key].item() == pytest.approx(expected[key], rel=1e-5), key
+
+
+def test_an_image_without_objects_changes_no_other_image_s_targets():
+    """Image 0 without its objects: only C's 7 positives remain (one of them alone in its
+    (level, window size) group), normalised by 7; an empty image put first shifts nothing."""
+    out, targets = _output(), _targets()
+    only_c = [{k: v[:0] for k, v in targets[0].items()}, targets[1]]
+    got = _model().losses(out, only_c, IMAGE_SIZES)
+    expected = _expected(out, [p for p in POSITIVES if p[0] == 1])
+    for key in expected:
+        assert got[key].item() == pytest.approx(expected[key], rel=1e-5), key
+    # three images, the first one empty: the same positives (of images 1 and 2), the same box and mask losses
+    pad = lambda x: torch.cat([torch.zeros_like(x[:1]), x])  # noqa: E731
+    out3 = TensorMaskOutput([pad(f) for f in out.features], [pad(x) for x in out.logits], [pad(x) for x in out.deltas],
+                            MaskPrediction([[pad(r) for r in level] for level in out.masks.raw]))
+    got3 = _model().losses(out3, [{k: v[:0] for k, v in targets[0].items()}, *targets], [IMAGE_SIZES[0], *IMAGE_SIZES])
+    base = _model().losses(out, targets, IMAGE_SIZES)
+    for key in ("loss_box", "loss_mask"):
+        assert got3[key].item() == pytest.approx(base[key].item(), rel=1e-6), key
+
+
+def test_criterion_runs_the_mask_head_when_the_output_has_no_masks():
+    """An eval-mode output (masks None): the criterion runs the mask head on the features (all-zero
+    features and a fresh head's zero biases give zero mask logits: the numbers of the zero case)."""
+    zero = _output(zero=True)
+    got = _model().losses(TensorMaskOutput(zero.features, zero.logits, zero.deltas, None), _targets(), IMAGE_SIZES)
+    assert got["loss_mask"].item() == pytest.approx(_expected(zero)["loss_mask"], rel=1e-6)
 
 
 def test_criterion_with_zero_outputs_in_numbers():

@@ -123,3 +123,28 @@ def test_decoding_reads_its_settings():
     assert int(det.masks[0].sum()) < 12 * 48  # the bilinear edges fall below 0.99
     det = _model(soft_masks=True).predict(out, [SIZE], [ORIG])[0]
     assert det.soft_masks is not None and torch.equal(det.soft_masks >= 0.5, det.masks)
+
+
+def test_mask_bb_edge_cases():
+    out = _output()
+    # one detection: its reported box is still its pasted mask's box
+    det = _model(nms_boxes="mask-bb", max_detections=1).predict(out, [SIZE], [ORIG])[0]
+    assert det.boxes.tolist() == [[6.0, 8.0, 18.0, 56.0]]
+    # soft masks survive the removal of empty masks
+    det = _model(nms_boxes="mask-bb", soft_masks=True).predict(out, [SIZE], [ORIG])[0]
+    assert det.soft_masks is not None and det.soft_masks.shape == det.masks.shape
+    assert torch.equal(det.soft_masks >= 0.5, det.masks)
+
+
+def test_decoding_uses_its_box_weights():
+    """W4's dx = 1/16 moves it 24 / 16 / wx px: 1.5 px with wx = 1 instead of 1 px with 1.5."""
+    det = _model(box_weights=(1.0, 1.0, 1.0, 1.0)).predict(_output(), [SIZE], [ORIG])[0]
+    assert det.boxes[2].tolist() == pytest.approx([(12 + 1.5) * 1.5, 56, (36 + 1.5) * 1.5, 104])
+
+
+def test_paste_skips_an_empty_box_and_pastes_the_next():
+    from tensormask.modeling.inference import paste_masks
+
+    probs = [torch.ones(2, 2), torch.ones(2, 2)]
+    out = paste_masks(probs, torch.tensor([[5.0, 5.0, 5.0, 9.0], [0.0, 0.0, 4.0, 4.0]]), 8, 8)
+    assert out[0].sum() == 0 and (out[1][:4, :4] >= 0.5).all() and out[1][4:, :].max() < 0.5

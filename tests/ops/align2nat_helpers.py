@@ -38,7 +38,7 @@ def run_reference(x: torch.Tensor, geom: Align2NatGeometry, pad_val: float, mode
 
 
 def section4_oracle(x: torch.Tensor, lambda_val: int, pad_val: float = -6.0) -> torch.Tensor:
-    """paper-facts section 4 written out literally in Python floats (IEEE float64), in detectron2's
+    """docs/ops.md's swap_align2nat (detectron2's SwapAlign2Nat) written out literally in Python floats (IEEE float64), in detectron2's
     order of operations: weight ((wy * wx) * wv) * wu, the 16 terms summed y, x, v, u.
     x: (N, S*S, H, W) float64 -> (N, (lambda S)^2, ceil(H / lambda), ceil(W / lambda))."""
     n_, c_, h_, w_ = x.shape

@@ -1,4 +1,4 @@
-"""The compiled kernels against the pure-PyTorch reference (and the reference against paper-facts section 4)."""
+"""The compiled kernels against the pure-PyTorch reference (and the reference against detectron2's SwapAlign2Nat arithmetic, docs/ops.md)."""
 
 import pytest
 import torch
@@ -89,7 +89,7 @@ def test_backward_matches_reference(name, shape, geom, mode, dtype):
 
 @pytest.mark.parametrize("lambda_val", [1, 2, 3, 4])
 def test_swap_is_section4_bit_for_bit(lambda_val):
-    """float64 swap_align2nat equals detectron2's arithmetic (paper-facts section 4) exactly."""
+    """float64 swap_align2nat equals detectron2's arithmetic (docs/ops.md) exactly."""
     x = _random((2, 9, 7, 5), torch.float64, seed=lambda_val)
     expected = section4_oracle(x, lambda_val)
     assert torch.equal(swap_align2nat(x, lambda_val), expected)

@@ -56,7 +56,7 @@ EXPECTED_ROWS = {
     },
 }
 
-# Paper numbers spot-checked against shared/paper-facts.md section 6 and the appendix in seed/.
+# Paper numbers spot-checked against the paper's Tables 1-3 and its appendix (Tables 4, 5).
 PAPER_SPOT_CHECKS = [
     ("table1", "natural", "segm.AP", 28.5),
     ("table2a", "natural_lambda5", "segm.AP", 19.2),

@@ -1,4 +1,4 @@
-"""The mask-driven assignment rule (paper-facts section 5) and the mask targets.
+"""The mask-driven assignment rule (the paper's "Label assignment"; docs/model.md) and the mask targets.
 
 A window is positive for a ground truth (GT) only if all four hold:
   (a) containment: the window contains the GT box;

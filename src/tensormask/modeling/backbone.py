@@ -1,4 +1,4 @@
-"""ResNet (18/34/50/101) + FPN with levels P2-P7, the TensorMask backbone (paper-facts section 3).
+"""ResNet (18/34/50/101) + FPN with levels P2-P7, the TensorMask backbone (the paper's ResNet-FPN; docs/model.md).
 
 Parameter names follow torchvision's ResNet (``conv1``, ``bn1``, ``layer1``..``layer4``,
 ``downsample``) so torchvision state dicts load directly; detectron2 names are mapped in

@@ -1,7 +1,7 @@
 """Weights from elsewhere: detectron2 TensorMask checkpoints, detectron2/Caffe2 ImageNet ResNets
 (``R-50.pkl``) and torchvision ResNet state dicts.
 
-detectron2 names (paper-facts section 3) map onto this package's modules as follows:
+detectron2 names (its projects/TensorMask; docs/model.md) map onto this package's modules as follows:
 
     backbone.bottom_up.stem.conv1[.norm]          -> backbone.bottom_up.conv1 / bn1
     backbone.bottom_up.res{s}.{i}.conv{j}[.norm]  -> backbone.bottom_up.layer{s-1}.{i}.conv{j} / bn{j}

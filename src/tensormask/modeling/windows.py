@@ -1,7 +1,7 @@
 """The sliding-window layout: square windows of S cells centred on every position of every level.
 
 At level k (stride = unit sigma_HW), window a of ``window_sizes[a]`` = S cells is the square of side
-S * stride pixels centred at (stride * x, stride * y) (paper-facts section 3: 44 and 60 px at P2).
+S * stride pixels centred at (stride * x, stride * y) (the paper's 11x11 and 15x15 windows: 44 and 60 px at P2; docs/model.md).
 Windows are enumerated (y, x, a) within a level and levels are concatenated, which is also the order
 of the class logits (channel a*K + k) and box deltas (channel a*4 + j) once permuted.
 """

@@ -1,4 +1,4 @@
-"""The align2nat op family of TensorMask (paper-facts sections 1, 2, 4; appendix A.1, A.2).
+"""The align2nat op family of TensorMask (the paper's natural / aligned representations and tensor bipyramid; appendix A.1, A.2; docs/ops.md).
 
 Dense ops (compiled kernels `torch.ops.tensormask.*`, or the pure-PyTorch reference):
   align2nat(x, *, in_cells, out_cells, unit_hw, unit_vu, aligned_unit_hw, aligned_unit_vu,

@@ -1,6 +1,6 @@
 """The align2nat op family: public functions (the API of `tensormask.ops`).
 
-Representations (paper-facts section 1): an *aligned* tensor (N, Vin*Uin, Hin, Win) stores at pixel
+Representations (the paper's natural and aligned representations; docs/ops.md): an *aligned* tensor (N, Vin*Uin, Hin, Win) stores at pixel
 (y^, x^) the value of that pixel for the window centred at (y^ - alpha v^, x^ - alpha u^); the
 *natural* tensor (N, Vout*Uout, Hout, Wout) stores mask cell (v, u) of the window centred at (y, x).
 Channel c = v * U + u. Every function here validates its arguments, then runs the compiled kernels
@@ -68,7 +68,7 @@ def swap_align2nat(x: torch.Tensor, lambda_val: int, pad_val: float = -6.0) -> t
 
     x: aligned (N, S*S, Hin, Win); lambda_val: int >= 1. Returns natural
     (N, (lambda*S)^2, ceil(Hin / lambda), ceil(Win / lambda)), bilinear, equal to detectron2's
-    SwapAlign2Nat (paper-facts section 4).
+    SwapAlign2Nat (docs/ops.md).
     """
     check_input(x)
     check_lambda(lambda_val, integer=True)
