@@ -111,9 +111,10 @@ class Postprocessor:
 
     def __init__(self, model_config: dict, layout: dict[str, int]):
         import tensormask.modeling  # noqa: F401  (imported outside the meta-device context: module-level tensors)
+        from tensormask.modeling.tensormask import current_model_config
 
         with torch.device("meta"):
-            self.decoder = instantiate(model_config)
+            self.decoder = instantiate(current_model_config(model_config))
         self.decoder.eval()
         self.layout = layout
 

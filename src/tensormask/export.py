@@ -53,8 +53,8 @@ def export_program(model: torch.nn.Module, example_size: tuple[int, int], max_si
 def deploy_metadata(run_cfg: DictConfig, model: torch.nn.Module, classes: dict[str, Any]) -> dict[str, Any]:
     """deploy.json: the model's constructor arguments (for the weightless decoder), layout, pre-processing."""
     model_cfg = OmegaConf.to_container(run_cfg.model, resolve=True)
-    if isinstance(model_cfg.get("backbone"), dict) and "weights" in model_cfg["backbone"]:
-        model_cfg["backbone"]["weights"] = None  # the decoder runs no layer; ImageNet files are not needed
+    if isinstance(model_cfg.get("backbone"), dict):
+        model_cfg["backbone"].pop("weights", None)  # the decoder runs no layer; ImageNet files are not needed
     test = OmegaConf.to_container(run_cfg.data.test_transforms, resolve=True)
     min_size = test["min_size"]
     if isinstance(min_size, list):

@@ -32,17 +32,13 @@ def instantiate_list(cfg: DictConfig | None) -> list[Any]:
 def build_model(cfg: DictConfig) -> torch.nn.Module:
     """The model of ``cfg.model``; a TensorMask backbone's ImageNet weights (``model.backbone.weights``:
     a detectron2 / MSRA ``.pkl`` or a torchvision ``.pth``) are loaded into its ResNet trunk here."""
+    from tensormask.modeling.tensormask import current_model_config
+
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    if "mode" in model_cfg:
-        # a run saved before the mode files set the model's own keys (model.mode: full|box_only|mask_only)
-        mode = model_cfg.pop("mode")
-        if mode == "box_only":
-            model_cfg["mask_head"] = None
-        elif mode == "mask_only":
-            model_cfg["box_head"] = False
     backbone = model_cfg.get("backbone")
-    weights = backbone.pop("weights", None) if isinstance(backbone, dict) else None
-    model = instantiate(model_cfg)
+    weights = backbone.get("weights") if isinstance(backbone, dict) else None
+    # runs saved with model.mode (before the mode files set the model's own keys) still build
+    model = instantiate(current_model_config(model_cfg))
     if weights is not None:
         from tensormask.modeling.detectron2_import import load_backbone_weights
 

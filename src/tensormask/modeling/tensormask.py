@@ -43,6 +43,22 @@ class TensorMaskOutput:
     masks: MaskPrediction | None
 
 
+def current_model_config(model_cfg: dict) -> dict:
+    """A TensorMask config saved by an older version (``mode: full|box_only|mask_only``, a backbone
+    ``weights`` key) as this version's constructor arguments: ``mode`` becomes ``mask_head: None`` /
+    ``box_head: False``; ``weights`` is dropped (the caller loads it, see
+    :func:`tensormask.framework.builders.build_model`). Returns a new dict; other configs unchanged."""
+    model_cfg = dict(model_cfg)
+    mode = model_cfg.pop("mode", None)
+    if mode == "box_only":
+        model_cfg["mask_head"] = None
+    elif mode == "mask_only":
+        model_cfg["box_head"] = False
+    if isinstance(model_cfg.get("backbone"), dict):
+        model_cfg["backbone"] = {k: v for k, v in model_cfg["backbone"].items() if k != "weights"}
+    return model_cfg
+
+
 class TensorMask(nn.Module):
     """TensorMask (Chen et al., ICCV 2019).
 
