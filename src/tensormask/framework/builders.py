@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tensormask.framework.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 
@@ -32,13 +32,21 @@ def instantiate_list(cfg: DictConfig | None) -> list[Any]:
 def build_model(cfg: DictConfig) -> torch.nn.Module:
     """The model of ``cfg.model``; a TensorMask backbone's ImageNet weights (``model.backbone.weights``:
     a detectron2 / MSRA ``.pkl`` or a torchvision ``.pth``) are loaded into its ResNet trunk here."""
-    from tensormask.modeling.tensormask import current_model_config
+    import copy
 
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    backbone = model_cfg.get("backbone")
-    weights = backbone.get("weights") if isinstance(backbone, dict) else None
-    # runs saved with model.mode (before the mode files set the model's own keys) still build
-    model = instantiate(current_model_config(model_cfg))
+    weights = OmegaConf.select(cfg, "model.backbone.weights", default=None)
+    root = copy.deepcopy(cfg)  # the keys below are taken out of a copy; errors keep their "model." paths
+    with open_dict(root):
+        if OmegaConf.select(root, "model.backbone.weights", default=None) is not None or \
+                "weights" in (root.model.get("backbone") or {}):
+            del root.model.backbone["weights"]
+        # runs saved with model.mode (before the mode files set the model's own keys) still build
+        mode = root.model.pop("mode", None) if "mode" in root.model else None
+        if mode == "box_only":
+            root.model.mask_head = None
+        elif mode == "mask_only":
+            root.model.box_head = False
+    model = instantiate(root.model)
     if weights is not None:
         from tensormask.modeling.detectron2_import import load_backbone_weights
 

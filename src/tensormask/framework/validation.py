@@ -272,6 +272,9 @@ def _did_you_mean(word: str, options: list[str]) -> str:
 # file (tensormask.framework.data_config, docs/data.md "Your own data")
 FILLED_AT_START = {"num_classes"}
 
+# keys of a node that the builders consume instead of its constructor (framework/builders.py)
+BUILDER_KEYS: dict[str, tuple[str, ...]] = {"tensormask.modeling.ResNetFPN": ("weights",)}
+
 
 def _node_problems(node: DictConfig, key: str) -> list[str]:
     target_path = node.get("_target_")
@@ -294,6 +297,8 @@ def _node_problems(node: DictConfig, key: str) -> list[str]:
         if name in _HYDRA_KEYS:
             continue
         full = f"{key}.{name}" if key else name
+        if name in BUILDER_KEYS.get(str(target_path), ()):
+            continue
         if name not in params:
             if not takes_any:
                 problems.append(f"{full}: {target_path} takes no argument {name!r}"
