@@ -32,13 +32,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from tensormask.data.images import list_images, read_image
 from tensormask.errors import UserError
 from tensormask.structures import Detections
 
 DEPLOY_JSON = "deploy.json"
 PROGRAM_FILE = "program.pt2"
 PACKAGE_FILE = "model.pt2"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class InferenceNetwork(nn.Module):
@@ -123,18 +123,6 @@ class Postprocessor:
         return self.decoder.predict(unflatten_outputs(flat, self.layout), image_sizes, orig_sizes)
 
 
-def list_images(path: str | Path) -> list[Path]:
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise UserError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-        return files
-    raise UserError(f"{path}: no such file or folder")
-
-
 class ExportedModel:
     """An export folder loaded for inference: ``detections = ExportedModel(folder)(uint8 RGB images)``.
 
@@ -195,16 +183,6 @@ class ExportedModel:
         return detections
 
 
-def read_image(file: Path) -> Tensor:
-    from torchvision.io import ImageReadMode, decode_image
-
-    try:
-        data = torch.frombuffer(bytearray(file.read_bytes()), dtype=torch.uint8)
-        return decode_image(data, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as err:
-        raise UserError(f"{file}: not a readable image ({err})") from err
-
-
 def predict_folder(folder: str | Path, images: str | Path, output: str | Path, use_program: bool = False) -> list[dict]:
     """Run an export folder on an image file or folder; write COCO results to ``output``; return them."""
     from tensormask.evaluation import detections_to_coco_results
@@ -212,7 +190,7 @@ def predict_folder(folder: str | Path, images: str | Path, output: str | Path, u
     model = ExportedModel(folder, use_program=use_program)
     contiguous_to_coco = model.meta["classes"]["contiguous_to_coco"]
     results: list[dict] = []
-    files = list_images(images)
+    files = list_images(images, key="images")
     for index, file in enumerate(files):
         (det,) = model([read_image(file)])
         results += detections_to_coco_results(index, det, contiguous_to_coco)

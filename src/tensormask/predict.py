@@ -33,7 +33,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from tensormask import framework  # noqa: F401  (registers the config resolvers)
-from tensormask.data.images import IMAGE_SUFFIXES, ImageFiles
+from tensormask.data.images import ImageFiles, list_images
 from tensormask.errors import MissingFileError, UserError
 from tensormask.framework.builders import (
     build_model, build_module, build_trainer, find_run_config, instantiate_list, load_model_weights,
@@ -45,18 +45,6 @@ from tensormask.framework.loggers import finish_wandb
 from tensormask.framework.validation import check_environment
 
 log = logging.getLogger(__name__)
-
-
-def list_images(path: str | Path) -> list[Path]:
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise MissingFileError(f"input={path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-        return files
-    raise MissingFileError(f"input={path}: no such file or folder")
 
 
 class SkipUnreadable:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from tensormask.errors import UserError
+from tensormask.errors import MissingFileError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,20 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 _16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def list_images(path: str | Path, key: str = "input") -> list[Path]:
+    """The image file `path`, or the files of folder `path` with an image suffix, sorted by name.
+    A missing path or a folder without images is a `MissingFileError` naming `key=path`."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise MissingFileError(f"{key}={path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        return files
+    raise MissingFileError(f"{key}={path}: no such file or folder")
 
 
 class ImageReadError(UserError):
