@@ -27,7 +27,7 @@ from tensormask import framework  # noqa: F401  (registers the config resolvers)
 from tensormask.deploy import DEPLOY_JSON, PACKAGE_FILE, PROGRAM_FILE, InferenceNetwork
 from tensormask.errors import UserError
 from tensormask.framework.builders import build_model, find_run_config, load_model_weights
-from tensormask.framework.entry import config_dir
+from tensormask.framework.entry import config_dir, run_main, short_user_errors
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +116,13 @@ def export(cfg: DictConfig) -> dict[str, Path]:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
+@short_user_errors("tensormask-export")
 def _hydra_main(cfg: DictConfig) -> None:
     export(cfg)
 
 
 def main() -> None:
-    _hydra_main()
+    run_main(_hydra_main, "tensormask-export", "export", __doc__)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ IN_PROCESS = [
     ("tensormask.train", ["model.backbone.depth=42"], ["model.backbone", "18, 34, 50, 101"]),
     ("tensormask.train", ["trainer.precision=17"], ["trainer.precision=17", "bf16-mixed", "16-mixed"]),
     ("tensormask.evaluate", [], ["ckpt_path is required", "ckpt_path=..."]),
+    ("tensormask.export", ["ckpt_path=nope.ckpt"], ["ckpt_path=nope.ckpt", "no such checkpoint"]),
 ]
 
 
