@@ -4,10 +4,10 @@ no-object images, no detections, original-size outputs."""
 import pytest
 import torch
 
-from tensormask.modeling import MASK_HEADS, ResNetFPN
+from tensormask.modeling import ResNetFPN
 from tensormask.modeling.heads import BipyramidMaskHead
 
-from tm_model_helpers import empty_target, make_head, make_model, rectangle_target
+from tm_model_helpers import MASK_HEADS, empty_target, make_head, make_model, rectangle_target
 
 HEADS = sorted(MASK_HEADS)
 SIZES = [(100, 120), (128, 96)]

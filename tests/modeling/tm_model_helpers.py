@@ -2,7 +2,19 @@
 
 import torch
 
-from tensormask.modeling import MASK_HEADS, ResNetFPN, TensorMask
+from tensormask.modeling import ResNetFPN, TensorMask
+from tensormask.modeling.heads import (
+    BipyramidMaskHead, SimpleAlignedMaskHead, SimpleNaturalMaskHead, UpscalingAlignedMaskHead, UpscalingNaturalMaskHead,
+)
+
+# every mask-head design by a short name (Hydra builds them from conf/model/mask_head/ by class path)
+MASK_HEADS = {
+    "simple_natural": SimpleNaturalMaskHead,
+    "simple_aligned": SimpleAlignedMaskHead,
+    "upscaling_natural": UpscalingNaturalMaskHead,
+    "upscaling_aligned": UpscalingAlignedMaskHead,
+    "bipyramid": BipyramidMaskHead,
+}
 
 
 def make_head(name: str, channels: int = 16, window_sizes=(11, 15), **kwargs):

@@ -9,7 +9,6 @@ from .detectron2_import import (
     load_detectron2_checkpoint,
 )
 from .heads import (
-    MASK_HEADS,
     BipyramidMaskHead,
     BoxHead,
     ClassHead,
@@ -46,7 +45,6 @@ __all__ = [
     "UpscalingNaturalMaskHead",
     "UpscalingAlignedMaskHead",
     "BipyramidMaskHead",
-    "MASK_HEADS",
     "Assignment",
     "assign_windows",
     "mask_targets",

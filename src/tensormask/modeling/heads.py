@@ -310,11 +310,3 @@ class BipyramidMaskHead(MaskHead):
     def natural_at(self, pred, level, window, batch_index, ys, xs):
         return ops.swap_align2nat_at(pred.raw[level][window], 2**level, batch_index, ys, xs, pad_val=self.pad_val)
 
-
-MASK_HEADS = {
-    "simple_natural": SimpleNaturalMaskHead,
-    "simple_aligned": SimpleAlignedMaskHead,
-    "upscaling_natural": UpscalingNaturalMaskHead,
-    "upscaling_aligned": UpscalingAlignedMaskHead,
-    "bipyramid": BipyramidMaskHead,
-}
