@@ -310,6 +310,8 @@ def _node_problems(node: DictConfig, key: str) -> list[str]:
                 value = OmegaConf.to_container(value, resolve=True)
         except Exception:  # noqa: BLE001 - a missing value (???), or an interpolation only the running app resolves
             continue
+        if value is None and OmegaConf.is_interpolation(node, name):
+            continue  # e.g. ${hydra:runtime.output_dir} in a config composed outside a running app
         if value is None and name in FILLED_AT_START:
             continue
         if not _accepts(value, params[name].annotation):
