@@ -169,3 +169,25 @@ def test_format_metrics():
     assert format_per_category_table({"bbox": {"a": 0.5}}).splitlines()[1].split() == ["a", "50.0"]
     # metrics read back from a strict-JSON run summary carry NaN as null
     assert format_metrics({"segm": {**m["segm"], "APl": None}}) == "\n".join([lines[0], lines[2]])
+
+
+def test_per_category_ap_is_read_at_all_areas_and_100_detections():
+    # Category "b" (id 8): two small 10x10 squares in image 1, both found (scores 0.9, 0.8), and one
+    # large 100x100 square (area 10^4 > 96^2) in image 2, missed. Over all areas the recall reaches 2/3
+    # at precision 1: the 67 recall thresholds 0, 0.01, ..., 0.66 of COCO's 101 have precision 1, so
+    # AP = 67/101 at every IoU. Read at another area range it would be 1 (small), nan (medium: no
+    # object) or 0 (large); with 1 detection per image, 34/101. Category "a" (id 3): one object found
+    # exactly -> AP 1 (a swapped category index reads 67/101 for it).
+    objects = [(1, 8, 5, 5, 10, 0), (1, 8, 40, 5, 10, 0), (2, 8, 5, 5, 100, 0), (2, 3, 60, 60, 10, 0)]
+    gt = coco(gt_dict(objects, h=110, w=110, n_images=2))
+    ev = COCOEvaluator(gt, [3, 8], iou_types=("bbox",), per_category=True)
+    ev.process([1, 2], [
+        detections([(1, 5, 5, 10, 0.9), (1, 40, 5, 10, 0.8)], h=110, w=110),
+        detections([(0, 60, 60, 10, 0.7)], h=110, w=110),
+    ])
+    m = ev.evaluate()["bbox"]
+    assert m["AP-b"] == pytest.approx(67 / 101)
+    assert m["AP-a"] == pytest.approx(1.0)
+    # the summary numbers of the same run show the other ranges are really different here
+    assert m["APs"] == pytest.approx(1.0) and m["APl"] == pytest.approx(0.0) and math.isnan(m["APm"])
+    assert [line.split() for line in ev.per_category_table().splitlines()[1:]] == [["a", "100.0"], ["b", "66.3"]]

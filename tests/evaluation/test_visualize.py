@@ -117,3 +117,22 @@ def test_pr_curve_plot(tmp_path):
         assert im.width > 200 and im.height > 200
         arr = np.asarray(im.convert("L"))
     assert arr.std() > 5  # not a blank canvas
+
+
+def test_calibrated_display_threshold_is_0_6_at_its_boundary():
+    # appendix A.5: pictures show detections whose calibrated score is >= 0.6. Label 0 calibrates to
+    # exactly 0.6 (float32, the dtype of the calibrated scores) -> shown; label 1 to the next float32
+    # below 0.6 -> hidden. Any other threshold in (0.5, 0.9] hides the first or shows the second, and
+    # a strict ">" hides the first.
+    just_below = float(np.nextafter(np.float32(0.6), np.float32(0.0)))
+    curve = lambda p: CategoryCurve(np.array([0.9, 0.1]), np.array([p, p]), np.array([0.5, 1.0]), 2)  # noqa: E731
+    calibration = ScoreCalibration([curve(0.6), curve(just_below)], ["a", "b"])
+    det = detections([(0, 5, 20, 12, 0.3), (1, 40, 20, 12, 0.95)])
+    kept, shown = select(det, calibration=calibration)
+    assert kept.labels.tolist() == [0] and shown.tolist() == [np.float32(0.6)]
+    pic = draw_detections(_image(), det, calibration=calibration)
+    assert not (pic[:, 26, 11] == GREY).all()  # label 0 drawn
+    assert (pic[:, 26, 46] == GREY).all()  # label 1 not drawn
+    # without a calibration the raw score's threshold is 0.5, also inclusive
+    raw = detections([(0, 5, 20, 12, 0.5), (1, 40, 20, 12, float(np.nextafter(np.float32(0.5), np.float32(0))))])
+    assert select(raw)[0].labels.tolist() == [0]
