@@ -20,3 +20,23 @@ def _dataset_cache(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def detecting_run(_dataset_cache, tmp_path_factory):
+    """A finished training run whose model really detects (framework_helpers.DETECTING_RUN), trained
+    once per test session: (run folder, the run's final metrics, train()'s objects). Eval, predict and
+    DDP eval tests compare against it, so their equality checks compare real detections."""
+    import time
+
+    from framework_helpers import DETECTING_MIN_AP, compose_config, DETECTING_RUN
+    from tensormask.train import train
+
+    run_dir = tmp_path_factory.mktemp("detecting") / "run"
+    start = time.perf_counter()
+    metrics, objects = train(compose_config("train", DETECTING_RUN, run_dir))
+    print(f"\ndetecting_run: trained in {time.perf_counter() - start:.1f} s, bbox AP {metrics['bbox']['AP']:.3f}, "
+          f"segm AP {metrics['segm']['AP']:.3f}")
+    for task, least in DETECTING_MIN_AP.items():
+        assert metrics[task]["AP"] > least, (task, metrics[task])
+    return run_dir, metrics, objects

@@ -1,4 +1,5 @@
-"""tensormask-eval and tensormask-predict on the checkpoint of a tiny training run."""
+"""tensormask-eval and tensormask-predict on the checkpoint of a tiny training run whose model detects
+(the session's `detecting_run`, conftest.py): equal metrics and records are equal real detections."""
 
 from __future__ import annotations
 
@@ -7,22 +8,14 @@ import json
 import pytest
 from PIL import Image
 
-from framework_helpers import compose_config, tiny_train_config
+from framework_helpers import DETECTING_MIN_AP, DETECTING_STEPS, compose_config
 from tensormask.evaluate import evaluate
 from tensormask.framework.checkpoint_io import strict_json
 from tensormask.predict import predict
-from tensormask.train import train
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    metrics, objects = train(tiny_train_config(run_dir, "trainer.max_steps=3"))
-    return run_dir, metrics, objects
-
-
-def test_eval_rebuilds_the_run_and_reproduces_its_metrics(trained_run, tmp_path):
-    run_dir, train_metrics, _ = trained_run
+def test_eval_rebuilds_the_run_and_reproduces_its_metrics(detecting_run, tmp_path):
+    run_dir, train_metrics, _ = detecting_run
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     cfg = compose_config("eval", [f"ckpt_path={ckpt}"], tmp_path / "eval")
     metrics, objects = evaluate(cfg)
@@ -35,8 +28,35 @@ def test_eval_rebuilds_the_run_and_reproduces_its_metrics(trained_run, tmp_path)
             assert metrics[task][k] == pytest.approx(v, abs=1e-9, nan_ok=True), (task, k)
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["metrics"] == strict_json(metrics)  # strict JSON: a NaN (no objects of a size) is null
-    assert saved["step"] == 3
-    assert (tmp_path / "eval" / "coco_instances_results.json").is_file()
+    assert saved["step"] == DETECTING_STEPS
+    for task, least in DETECTING_MIN_AP.items():
+        assert metrics[task]["AP"] > least  # the run's weights, not a fresh model's
+    # the same detections, record by record, as the run's own final evaluation
+    assert_same_records(json.loads((tmp_path / "eval" / "coco_instances_results.json").read_text()),
+                        json.loads((run_dir / "eval" / "coco_instances_results.json").read_text()))
+
+
+def assert_same_records(got: list[dict], expected: list[dict]) -> None:
+    """COCO result records equal up to float rounding (same order: image, then score)."""
+    assert len(got) == len(expected) > 0
+    key = lambda r: (r["image_id"], -r["score"], r["category_id"])  # noqa: E731
+    for a, b in zip(sorted(got, key=key), sorted(expected, key=key)):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"]), (a, b)
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5) and a["bbox"] == pytest.approx(b["bbox"], abs=1e-3), (a, b)
+        assert a["segmentation"] == b["segmentation"], (a["image_id"], a["score"])
+
+
+def test_predict_on_the_run_s_images_gives_its_detections(detecting_run, tmp_path):
+    """tensormask-predict on the image folder of the run's evaluated split, with its annotation file
+    (the same image ids), writes the records the run's evaluation wrote: same pixels in (an RGB/BGR
+    mix-up, another resize or normalisation changes them), same weights, same decoding."""
+    run_dir, _, objects = detecting_run
+    dataset = objects["datamodule"].val_dataset
+    cfg = compose_config("predict", [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"input={dataset.image_dir}",
+                                     f"annotations={dataset.annotation_file}"], tmp_path / "out")
+    results, _ = predict(cfg)
+    assert_same_records(json.loads((tmp_path / "out" / "predictions.json").read_text()),
+                        json.loads((run_dir / "eval" / "coco_instances_results.json").read_text()))
 
 
 def test_eval_missing_checkpoint(tmp_path):
@@ -45,8 +65,8 @@ def test_eval_missing_checkpoint(tmp_path):
         evaluate(cfg)
 
 
-def test_predict_writes_pictures_and_coco_results(trained_run, tmp_path):
-    run_dir, _, objects = trained_run
+def test_predict_writes_pictures_and_coco_results(detecting_run, tmp_path):
+    run_dir, _, objects = detecting_run
     dataset = objects["datamodule"].val_dataset
     images = tmp_path / "images"
     images.mkdir()
@@ -60,7 +80,7 @@ def test_predict_writes_pictures_and_coco_results(trained_run, tmp_path):
     with Image.open(tmp_path / "out" / "pictures" / "a.png") as picture:
         assert picture.size == Image.open(images / "a.png").size
     written = json.loads((tmp_path / "out" / "predictions.json").read_text())
-    assert written == json.loads(json.dumps(results))
+    assert written == json.loads(json.dumps(results)) and {r["image_id"] for r in written} == {0, 1}
     for r in written:
         assert {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(r)
         assert r["image_id"] in (0, 1) and r["category_id"] in dataset.contiguous_to_coco
@@ -69,8 +89,8 @@ def test_predict_writes_pictures_and_coco_results(trained_run, tmp_path):
     assert [c["name"] for c in index["categories"]] == dataset.class_names
 
 
-def test_predict_skips_and_names_unreadable_files_and_reads_every_suffix(trained_run, tmp_path, capsys, caplog):
-    run_dir, _, objects = trained_run
+def test_predict_skips_and_names_unreadable_files_and_reads_every_suffix(detecting_run, tmp_path, capsys, caplog):
+    run_dir, _, objects = detecting_run
     array = objects["datamodule"].val_dataset.load_image(0).permute(1, 2, 0).numpy()
     images = tmp_path / "images"
     images.mkdir()
@@ -99,10 +119,10 @@ def test_predict_skips_and_names_unreadable_files_and_reads_every_suffix(trained
     assert objects["trainer"].predicting is False and objects["trainer"].state.fn == "predict"
 
 
-def test_predict_all_unreadable_is_a_named_error(trained_run, tmp_path):
+def test_predict_all_unreadable_is_a_named_error(detecting_run, tmp_path):
     from tensormask.errors import UserError
 
-    run_dir, _, _ = trained_run
+    run_dir, _, _ = detecting_run
     images = tmp_path / "images"
     images.mkdir()
     (images / "a.png").write_text("text")
@@ -130,33 +150,21 @@ def test_lightning_moves_a_batch_record_to_the_device():
     assert batch.images.device.type == "cpu"
 
 
-def test_predict_sends_pictures_with_overlays_to_wandb(trained_run, tmp_path, monkeypatch):
+def test_predict_sends_pictures_with_overlays_to_wandb(detecting_run, tmp_path, monkeypatch):
     """`tensormask-predict logger=wandb`: the pictures go to an offline W&B run as images with the
     detections as mask and box overlays, captioned with their file names."""
     import numpy as np
 
     from wandb_records import wait_for
 
-    import shutil
-
-    from omegaconf import OmegaConf
-
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))
-    run_dir, _, objects = trained_run
-    # the checkpoint with every candidate kept (score threshold 0, at most 5): the 3-step model
-    # scores below the default 0.05
-    ckpt_dir = tmp_path / "checkpoints"
-    ckpt_dir.mkdir()
-    shutil.copy(run_dir / "checkpoints" / "last.ckpt", ckpt_dir / "last.ckpt")
-    run_cfg = OmegaConf.load(run_dir / "checkpoints" / "config.yaml")
-    run_cfg.model.score_threshold, run_cfg.model.max_detections = 0.0, 5
-    OmegaConf.save(run_cfg, ckpt_dir / "config.yaml")
+    run_dir, _, objects = detecting_run
     images = tmp_path / "images"
     images.mkdir()
     for name, index in (("a", 0), ("b", 1)):
         Image.fromarray(objects["datamodule"].val_dataset.load_image(index).permute(1, 2, 0).numpy()).save(
             images / f"{name}.png")
-    cfg = compose_config("predict", [f"ckpt_path={ckpt_dir / 'last.ckpt'}", f"input={images}",
+    cfg = compose_config("predict", [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"input={images}",
                                      "draw_score_threshold=0.0", "logger=wandb", "logger.wandb.mode=offline"],
                          tmp_path / "out")
     results, _ = predict(cfg)
