@@ -107,7 +107,7 @@ def test_shared_trainings_run_once_and_inference_rows_evaluate_their_checkpoint(
     evals = stand_in.calls[3:]
     assert [c.train for c in evals] == [False] * 3 and [c.model.nms_boxes for c in evals] == ["bb", "mask-bb", "mask-bb"]
     assert evals[0].ckpt_path == str(root / "table2d" / "two_windows" / "checkpoints" / "last.ckpt")
-    assert all(c.trainer.max_steps == 400 for c in stand_in.calls)
+    assert all(c.trainer.max_steps == 500 for c in stand_in.calls)
     two = stand_in.calls[1]
     assert set(two.tags) >= {"reproduce", "mini", "table2d.two_windows", "table5.box_head_bb_nms", "table5.box_head_mask_bb_nms"}
     assert [r.status for r in results] == ["finished"] * 5
@@ -168,13 +168,13 @@ def test_a_stale_finished_row_is_not_reused(tmp_path, fake, capsys):
     stand_in = fake()
     results = rp.reproduce(compose(tmp_path, "table=table1", "wandb.log_table=false"))
     assert [d.name for d in stand_in.run_dirs] == ["natural-v2", "aligned-v2"]
-    assert [r.steps for r in results] == [400, 400] and [r.run_dir.name for r in results] == ["natural-v2", "aligned-v2"]
+    assert [r.steps for r in results] == [500, 500] and [r.run_dir.name for r in results] == ["natural-v2", "aligned-v2"]
     old = json.loads((tmp_path / "runs" / "mini" / "table1" / "natural" / SUMMARY_FILE).read_text())
     assert old["steps"] == 30  # kept
-    # collect_only trains nothing and collects what is there: the 400-step runs' table
+    # collect_only trains nothing and collects what is there: the 500-step runs' table
     idle = fake()
     collected = rp.reproduce(compose(tmp_path, "table=table1", "wandb.log_table=false", "collect_only=true", "seeds=2"))
-    assert idle.calls == [] and [(r.status, r.seeds_finished, r.steps) for r in collected] == [("missing", 1, 400)] * 2
+    assert idle.calls == [] and [(r.status, r.seeds_finished, r.steps) for r in collected] == [("missing", 1, 500)] * 2
     # Asking for the 30-step runs again finds them; on_stale=stop names the keys instead of training.
     idle = fake()
     assert [r.steps for r in rp.reproduce(smoke)] == [30, 30] and idle.calls == []

@@ -182,3 +182,46 @@ def test_mini_rows_build_their_model(table):
     for row_id, train_cfg in _compose_rows(table, "mini"):
         model = build_model(train_cfg)
         assert sum(p.numel() for p in model.parameters()) > 0, row_id
+
+
+def test_tuning_the_quickstart_does_not_change_the_mini_trainings(tmp_path):
+    """scale=mini composes its own recipe (experiment/tables_mini.yaml): edits of the quickstart's files
+    (its experiment, schedule and the synthetic data's defaults) leave every mini training config as it
+    was, so finished mini runs stay valid (the stale check compares these configs)."""
+    import shutil
+
+    from tensormask.tables.plan import differences, training_key
+
+    conf = tmp_path / "conf"
+    shutil.copytree(rp.default_conf_dir(), conf)
+    (conf / "experiment" / "quickstart.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /data: synthetic\n  - override /schedule: quickstart\n"
+        "trainer:\n  gradient_clip_val: 9.0\nmodel:\n  focal_gamma: 2.5\n  spatial_thresh: 1.0\n  focal_shift: 0.0\n"
+        "module:\n  channels_last: false\n")
+    (conf / "schedule" / "quickstart.yaml").write_text(
+        "# @package _global_\ndata:\n  global_batch_size: 8\ntrainer:\n  max_steps: 900\nmodule:\n  base_lr: 0.01\n"
+        "  milestones: [700]\n  warmup_steps: 10\n")
+    synthetic = OmegaConf.load(conf / "data" / "synthetic.yaml")
+    synthetic.synthetic.num_train = 512
+    synthetic.synthetic.image_size = 96
+    synthetic.synthetic.max_objects = 3
+    synthetic.min_size = 96
+    synthetic.max_val_images = 16
+    OmegaConf.save(synthetic, conf / "data" / "synthetic.yaml")
+
+    def keys(conf_dir):
+        base = list(OmegaConf.load(conf_dir / "hydra" / "sweeper" / "rows.yaml").scales["mini"])
+        out = {}
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            for table in ("table1", "table2d", "table5"):
+                spec = load_table(table)
+                for row in spec.rows:
+                    out[f"{table}/{row.id}"] = training_key(compose(config_name="train", overrides=spec.job_overrides(row, "mini", base)))
+        return out
+
+    ours, tuned = keys(rp.default_conf_dir()), keys(conf)
+    assert {row: differences(ours[row], tuned[row]) for row in ours} == {row: [] for row in ours}
+    # the copy's edits took effect where they should: the quickstart itself changed
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        assert compose(config_name="train").trainer.max_steps == 900
+    assert ours["table2d/two_windows"]["trainer"]["max_steps"] == 500
