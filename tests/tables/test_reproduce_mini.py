@@ -56,3 +56,20 @@ def test_two_rows_as_a_hydra_multirun_then_collected(tmp_path):
     assert md.startswith(f"# {spec.title}") and md.count("| finished |") == 2
     assert md in collected.stdout  # the command hands the table back
     assert list((runs / "mini" / "table1" / "wandb").glob("offline-run-*"))  # the table went to wandb
+
+
+@pytest.mark.slow
+def test_two_rows_through_the_joblib_launcher(tmp_path):
+    """The same two rows with `hydra/launcher=joblib` (hydra-joblib-launcher, the dev extra): two worker processes."""
+    spec = load_table("table1")
+    runs = tmp_path / "runs"
+    done = run("tensormask.train", "-m", "hydra/sweeper=rows", "hydra.sweeper.table=table1", f"hydra.sweeper.runs_dir={runs}",
+               f"hydra.sweep.dir={runs / 'mini'}", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in done.stdout + done.stderr  # the joblib launcher ran the rows, not the basic one
+    plan = json.loads((runs / "mini" / "plan.json").read_text())
+    for row in spec.rows:
+        summary = json.loads((runs / "mini" / "table1" / row.id / "run_summary.json").read_text())
+        assert summary["status"] == "finished" and summary["steps"] == 2
+        assert (runs / "mini" / "table1" / row.id / "checkpoints" / "last.ckpt").is_file()
+        assert plan["rows"][f"table1/{row.id}"]["runs"]["0"]["error"] is None
