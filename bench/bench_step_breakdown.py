@@ -3,8 +3,10 @@
 For each model (bench_model.py's runners: one image, random weights, synthetic targets), in one process:
 the training step's process CPU time (median of --repeats), its FLOPs forward + backward
 (torch.utils.flop_counter.FlopCounterMode, total), and per part the forward time (forward hooks) and
-forward FLOPs (FlopCounterMode's per-module counts of the training-mode forward); for TensorMask also the
-time of ``model.losses`` (assignment, mask targets, align2nat at the positive windows, the loss terms).
+forward FLOPs (FlopCounterMode's per-module counts of the training-mode forward; TensorMask's mask head, which
+training runs inside ``model.losses`` on the levels holding positives, counted on every level); for TensorMask
+also the time of ``model.losses`` without the mask head's forward (assignment, mask targets, align2nat at the
+positive windows, the loss terms).
 
     PYTHONPATH=src .venv/bin/python bench/bench_step_breakdown.py --size 512 --threads 1
 """
@@ -49,7 +51,8 @@ def breakdown(which: str, size: int, repeats: int) -> None:
     m.train()
     with FlopCounterMode(display=False) as fwd_flops:
         if which == "tensormask":
-            m(r.images)
+            # the mask head runs in model.losses, on the levels holding positives; counted here on all of them
+            m.mask_head(m(r.images).features)
         else:
             m(r.images, r.targets)
     names = {mod: f"{type(m).__name__}.{n}" for n, mod in m.named_modules()}
@@ -64,6 +67,7 @@ def breakdown(which: str, size: int, repeats: int) -> None:
     if which == "tensormask":
         for _ in range(repeats):
             out = m(r.images)
+            out.masks = m.mask_head(out.features)  # given: the losses' time without the mask head's forward
             t0 = time.process_time()
             m.losses(out, r.targets, [(size, size)])
             losses.append(time.process_time() - t0)

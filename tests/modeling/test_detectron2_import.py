@@ -153,15 +153,16 @@ def test_converted_model_matches_functional_reference(d2_file):
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         ref_logits, ref_deltas, ref_masks = reference_forward(state, x)
-        model.train()  # dense mask prediction
+        model.train()
         out = model(x)
+        masks = model.mask_head(out.features)  # every level's dense mask prediction
     for a, b in zip(out.logits, ref_logits):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
     for a, b in zip(out.deltas, ref_deltas):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
     for lvl in range(6):
         for a in range(2):
-            ours = model.mask_head.natural(out.masks, lvl, a)
+            ours = model.mask_head.natural(masks, lvl, a)
             assert ours.shape == ref_masks[lvl][a].shape
             assert torch.allclose(ours, ref_masks[lvl][a], rtol=1e-4, atol=1e-4)
 

@@ -80,6 +80,40 @@ def test_bipyramid_head_computes_only_requested_levels():
     assert torch.equal(pred.raw[2][1], head(feats).raw[2][1])
 
 
+@pytest.mark.parametrize("head", HEADS)
+def test_training_losses_compute_the_masks_of_the_levels_with_positives_only(head, monkeypatch):
+    """A training forward leaves the mask branch to the losses, which run it on the levels that hold
+    positive windows only (here 2 of the 6): the same losses and gradients, to the bit, as from every
+    level's masks."""
+    from tensormask.modeling.tensormask import TensorMaskOutput
+
+    torch.manual_seed(0)
+    model = make_model(head).train()
+    out = model(torch.randn(2, 3, 128, 128))
+    assert out.masks is None
+    positives = model.criterion.assign(model.windows(out), _targets())
+    holding = model.windows(out).levels[positives.window].unique().tolist()
+    assert holding == [0, 1]
+    asked = []
+    real_forward = type(model.mask_head).forward
+
+    def spy_forward(self, features, levels=None):
+        asked.append(levels)
+        return real_forward(self, features, levels)
+
+    monkeypatch.setattr(type(model.mask_head), "forward", spy_forward)
+    params = list(model.mask_head.parameters())
+    lazy = model.losses(out, _targets(), SIZES)
+    assert asked == [holding]
+    lazy_grads = torch.autograd.grad(lazy["loss_mask"], params, retain_graph=True)
+    every_level = TensorMaskOutput(out.features, out.logits, out.deltas, model.mask_head(out.features))
+    full = model.losses(every_level, _targets(), SIZES)
+    assert asked == [holding, None]
+    assert all(torch.equal(lazy[k], full[k]) for k in full)
+    full_grads = torch.autograd.grad(full["loss_mask"], params)
+    assert all(torch.equal(a, b) for a, b in zip(lazy_grads, full_grads))
+
+
 @pytest.mark.parametrize("mode", ["full", "box_only", "mask_only"])
 def test_images_without_objects_train_without_nan(mode):
     model = make_model("bipyramid", mode)

@@ -131,10 +131,15 @@ class TensorMaskCriterion:
     def mask_loss(self, out, windows: Windows, targets: list[dict[str, Tensor]], positives: Positives,
                   mask_head) -> Tensor:
         """Sum over the positives of the weighted BCE of their natural masks, per (level, window size)."""
-        masks = out.masks if out.masks is not None else mask_head(out.features)
-        # keeps every mask parameter in the graph when there are no positives (DDP-friendly)
-        loss = sum(r.sum() * 0.0 for level in masks.raw for r in level if r is not None)
         levels, anchors = windows.levels[positives.window], windows.anchors[positives.window]
+        masks = out.masks
+        if masks is None:
+            # only the levels that hold positives: the same values as computing all of them (each
+            # level is computed on its own), without the levels no object of the batch is
+            # assigned to. No positives: the finest level, so that every mask parameter stays in
+            # the graph (DDP-friendly, with the zero term below).
+            masks = mask_head(out.features, levels=levels.unique().tolist() or [0])
+        loss = sum(r.sum() * 0.0 for level in masks.raw for r in level if r is not None)
         for level in range(len(out.logits)):
             for a in range(len(mask_head.window_sizes)):
                 sel = torch.nonzero((levels == level) & (anchors == a)).squeeze(1)

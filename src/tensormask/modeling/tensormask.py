@@ -33,8 +33,10 @@ class TensorMaskOutput:
     features: FPN levels P2.. (N, C, H_k, W_k).
     logits:   per level (N, A*K, H_k, W_k), channel a*K + k.
     deltas:   per level (N, A*4, H_k, W_k), channel a*4 + j; None without a box head.
-    masks:    the mask head's raw prediction (training mode), or None (no mask head, or eval mode,
-              where ``predict`` computes only what the surviving detections need).
+    masks:    the mask head's raw prediction, or None: ``forward`` leaves it to what needs it, and
+              each computes only the levels it uses (the training losses: the levels that hold
+              positive windows; ``predict``: those of the surviving detections). Given (e.g.
+              ``model.mask_head(out.features)``, all levels), losses and ``predict`` use it as is.
     """
 
     features: list[Tensor]
@@ -165,8 +167,9 @@ class TensorMask(nn.Module):
         features = self.backbone(images)
         logits = self.class_head(features)
         deltas = self.box_head(features) if self.box_head is not None else None
-        masks = self.mask_head(features) if (self.mask_head is not None and self.training) else None
-        return TensorMaskOutput(features, logits, deltas, masks)
+        # no mask branch here: the losses run it on the levels that hold positives only (a small
+        # image's coarse levels hold none: 3 of the 6 at the quickstart's sizes, docs/model.md)
+        return TensorMaskOutput(features, logits, deltas, None)
 
     def windows(self, out: TensorMaskOutput) -> Windows:
         """The windows of the output's grids (cached per grid sizes and device)."""
