@@ -68,7 +68,7 @@ def test_float_image_and_garbage_are_named_errors(tmp_path):
     with pytest.raises(ImageReadError, match=r"cannot read image .*float\.tif: floating-point pixels"):
         read_image(tmp_path / "float.tif")
     (tmp_path / "text.png").write_text("not an image")
-    with pytest.raises(UserError, match=r"cannot read image .*text\.png: not an image file"):
+    with pytest.raises(UserError, match=r"cannot read image .*text\.png: not an image file Pillow can decode"):
         read_image(tmp_path / "text.png")
     Image.fromarray(np.full((40, 50, 3), 7, np.uint8)).save(tmp_path / "whole.png")
     (tmp_path / "trunc.png").write_bytes((tmp_path / "whole.png").read_bytes()[:60])
@@ -107,3 +107,16 @@ def test_dataset_names_an_unreadable_16_bit_kind(coco_writer):
     image_dir, ann = coco_writer.write()
     with pytest.raises(CocoFormatError, match=r"cannot decode image .*000001\.png \(image id 1 in .*\): floating-point"):
         CocoInstances(image_dir, ann, train=True)[0]
+
+
+def test_32_bit_integer_grey_within_16_bits_is_scaled(tmp_path):
+    # Pillow's mode "I" (32-bit integers; some Pillow versions open 16-bit grey PNGs so): values
+    # within 0..65535 are scaled like 16-bit ones
+    ramp = _ramp16().astype(np.int32)
+    Image.fromarray(ramp, mode="I").save(tmp_path / "grey32.tif")
+    with Image.open(tmp_path / "grey32.tif") as pil:
+        assert pil.mode == "I"
+    image = read_image(tmp_path / "grey32.tif")
+    expected = torch.from_numpy(np.rint(ramp / 257.0).astype(np.uint8))
+    for c in range(3):
+        assert torch.equal(image[c], expected)

@@ -122,3 +122,18 @@ def test_collate_rejects_inconsistent_targets():
     item["labels"] = torch.tensor([1, 2])
     with pytest.raises(ValueError, match="image 7: 1 boxes, 1 masks, 2 labels"):
         Collator()([item])
+
+
+def test_short_side_choices_and_an_empty_list():
+    resize = ResizeShortestEdge([48, 64], max_size=1000)
+    assert resize.range is None
+    with pytest.raises(ValueError, match="empty list of short side sizes"):
+        ResizeShortestEdge([], max_size=1000)
+
+
+def test_collate_converts_boxes_to_float32_and_refuses_nothing():
+    item = _drawn_item()
+    item["boxes"] = item["boxes"].double()
+    assert Collator()([item]).targets[0]["boxes"].dtype == torch.float32
+    with pytest.raises(ValueError, match="cannot collate an empty list of items"):
+        Collator()([])

@@ -99,3 +99,11 @@ def test_from_evaluator_and_results_file(case, tmp_path):
     scores = torch.tensor([0.95, 0.85, 0.75, 0.55])
     torch.testing.assert_close(a.apply(torch.zeros(4, dtype=torch.long), scores), torch.tensor([1.0, 1.0, 2 / 3, 0.6]))
     torch.testing.assert_close(b.apply(torch.zeros(4, dtype=torch.long), scores), torch.tensor([1.0, 1.0, 2 / 3, 0.6]))
+
+
+def test_segm_calibration_without_masks_is_named():
+    gt = gt_dict([(1, 3, 0, 0, 10, 0)])
+    results = [{"image_id": 1, "category_id": 3, "bbox": [0.0, 0.0, 10.0, 10.0], "score": 0.9}]
+    with pytest.raises(ValueError, match=r"segm calibration needs results with 'segmentation' \(masks\); use iou_type='bbox'"):
+        ScoreCalibration.fit(gt, results, [3, 8])
+    assert ScoreCalibration.fit(gt, results, [3, 8], iou_type="bbox").precision_at(0, 0.9) == pytest.approx(1.0)

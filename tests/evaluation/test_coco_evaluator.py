@@ -191,3 +191,41 @@ def test_per_category_ap_is_read_at_all_areas_and_100_detections():
     # the summary numbers of the same run show the other ranges are really different here
     assert m["APs"] == pytest.approx(1.0) and m["APl"] == pytest.approx(0.0) and math.isnan(m["APm"])
     assert [line.split() for line in ev.per_category_table().splitlines()[1:]] == [["a", "100.0"], ["b", "66.3"]]
+
+
+def test_per_category_ap_counts_100_detections_per_image():
+    # one object of "a" found only by the 12th best of 12 detections: within 100 detections per image
+    # the recall reaches 1 at precision 1/12 (AP 1/12); within 10 it would be 0
+    gt = coco(gt_dict([(1, 3, 40, 30, 10, 0)]))
+    ev = COCOEvaluator(gt, [3, 8], iou_types=("bbox",), per_category=True)
+    misses = [(0, 2 * i, 0, 4, 0.9 - 0.01 * i) for i in range(11)]
+    ev.process([1], [detections([*misses, (0, 40, 30, 10, 0.5)])])
+    m = ev.evaluate()["bbox"]
+    assert m["AP-a"] == pytest.approx(1 / 12) and m["AP"] == pytest.approx(1 / 12)
+    assert math.isnan(m["AP-b"])  # no object of "b"
+
+
+def test_per_category_table_needs_per_category():
+    ev = COCOEvaluator(coco(gt_dict([(1, 3, 40, 30, 10, 0)])), [3, 8])
+    with pytest.raises(RuntimeError, match=r"construct with per_category=True and call evaluate\(\)"):
+        ev.per_category_table()
+
+
+def test_faster_coco_eval_ground_truth_and_a_missing_backend(monkeypatch, tmp_path, caplog):
+    import logging
+    import sys
+
+    # a faster_coco_eval COCO object is accepted as the ground truth (read through its dataset)
+    faster = pytest.importorskip("faster_coco_eval")
+    data = gt_dict([(1, 8, 20, 15, 10, 0)])
+    ev = COCOEvaluator(faster.COCO(data), [3, 8], iou_types=("bbox",), output_dir=str(tmp_path))
+    ev.process([1], [detections([(1, 22, 15, 10, 0.9)])])
+    with caplog.at_level(logging.INFO, logger="tensormask.evaluation.coco_eval"):
+        assert ev.evaluate()["bbox"]["AP"] == pytest.approx(0.4)  # as test_shifted_prediction_hand_checked
+    assert f"wrote 1 COCO results to {tmp_path}" in caplog.text
+    # without the package, the faster backend names what to install
+    monkeypatch.setitem(sys.modules, "faster_coco_eval", None)
+    ev = COCOEvaluator(coco(data), [3, 8], iou_types=("bbox",), backend="faster_coco_eval")
+    ev.process([1], [detections([(1, 22, 15, 10, 0.9)])])
+    with pytest.raises(ImportError, match=r"backend 'faster_coco_eval' needs `pip install faster-coco-eval`"):
+        ev.evaluate()

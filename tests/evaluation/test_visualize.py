@@ -8,7 +8,7 @@ from PIL import Image
 
 from tensormask.evaluation import ScoreCalibration, draw_detections, plot_pr_curves, side_by_side
 from tensormask.evaluation.calibration import CategoryCurve
-from tensormask.evaluation.visualize import class_colour, label_layout, select
+from tensormask.evaluation.visualize import class_colour, label_layout, place_labels, select
 
 GREY = 100
 
@@ -136,3 +136,61 @@ def test_calibrated_display_threshold_is_0_6_at_its_boundary():
     # without a calibration the raw score's threshold is 0.5, also inclusive
     raw = detections([(0, 5, 20, 12, 0.5), (1, 40, 20, 12, float(np.nextafter(np.float32(0.5), np.float32(0))))])
     assert select(raw)[0].labels.tolist() == [0]
+
+
+def test_label_places_without_a_priority_and_at_the_left_edge():
+    # two boxes, labels 10 x 8: each goes above its box's top-left corner; the first box starts at
+    # x 0, so its label starts at x 0 (kept inside the canvas, not pushed further); no priority
+    # given: the detections' order
+    boxes = torch.tensor([[0.0, 20.0, 30.0, 40.0], [40.0, 20.0, 55.0, 40.0]])
+    placed = [(0, 12, 10, 20), (40, 12, 50, 20)]
+    assert place_labels(boxes, [(10, 8), (10, 8)], (50, 60)) == placed
+    assert place_labels(boxes, [(10, 8), (10, 8)], (50, 60), priority=[1, 0]) == placed
+    # a label that cannot fit the canvas is left out
+    assert place_labels(boxes, [(70, 8), (10, 8)], (50, 60)) == [None, placed[1]]
+
+
+def test_numpy_and_pil_images_are_drawn_like_tensors():
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 50, 60), dtype=torch.uint8, generator=g)
+    det = detections([(0, 5, 20, 12, 0.9)])
+    expected = draw_detections(image, det)
+    torch.testing.assert_close(draw_detections(image.permute(1, 2, 0).numpy(), det), expected)
+    torch.testing.assert_close(draw_detections(Image.fromarray(image.permute(1, 2, 0).numpy()), det), expected)
+    torch.testing.assert_close(draw_detections(image.float(), det), expected)
+
+
+def test_pr_curve_panels(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    figures = []
+    real_savefig = Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        figures.append(self)
+        return real_savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    curve = CategoryCurve(np.array([0.9, 0.1]), np.array([1.0, 0.5]), np.array([0.5, 1.0]), 2)
+    names = ["c0", "c1", "c2", "c3", "c4"]
+    calibration = ScoreCalibration([curve, None, curve, curve, curve], names)
+    plot_pr_curves(calibration, tmp_path / "pr.png", columns=4)
+    (fig,) = figures
+    # 5 panels on a 2 x 4 grid, titled with the calibration's names (no names given)
+    assert [ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes] == [(2, 4)] * 5
+    assert [ax.get_title().split(" ")[0] for ax in fig.axes] == names
+    for ax in fig.axes:
+        assert ax.get_xlim() == (0, 1) and ax.get_ylim() == (0, 1.02)
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("recall", "precision")
+        assert ax.xaxis.label.get_size() == ax.yaxis.label.get_size() == 8 and ax.title.get_size() == 9
+    assert fig.axes[0].get_title() == "c0 (AP 75.0)"  # area under the curve: 0.5 * 1 + 0.5 * 0.5
+    assert fig.axes[1].get_title() == "c1" and fig.axes[1].texts[0].get_text().startswith("no detections")
+
+
+def test_side_by_side_leaves_the_gap_between_tiles():
+    images = [_image(), _image(40, 40)]
+    empty = [detections([]), detections([], h=40, w=40)]
+    pic = side_by_side(images, empty, empty, height=100, gap=4)
+    # tile 1: x 70..189 (60 x 50 scaled to 120 x 100), the gap 190..193 white, tile 2 from 194
+    assert (pic[:, 50, 189] == GREY).all() and (pic[:, 50, 190:194] == 255).all() and (pic[:, 50, 194] == GREY).all()
+    assert (pic[:, 100:104, 100] == 255).all() and (pic[:, 104, 100] == GREY).all()  # the gap between the rows
