@@ -15,9 +15,9 @@
 # The run happens in a copy of the repository (a temporary folder, or MUTATION_DIR), at
 # `nice -n 15` with OMP_NUM_THREADS=1, so the checkout is never touched. PYTHON chooses the
 # interpreter (default .venv/bin/python), MUTATION_JOBS the parallel children (2). Needs the dev
-# extra (mutmut 3). Examples (the runs recorded in docs/testing.md):
+# extra (mutmut 3). Examples (the sampled run recorded in docs/testing.md lists its exact command):
 #   bash scripts/mutation.sh src/tensormask/modeling/losses.py -- tests/modeling
-#   MUTATION_SAMPLE=80 MUTATION_SEED=18 bash scripts/mutation.sh src/tensormask/modeling/*.py \
+#   MUTATION_SAMPLE=64 MUTATION_SEED=18 bash scripts/mutation.sh src/tensormask/modeling/*.py \
 #     src/tensormask/evaluation/*.py -- tests/modeling tests/evaluation
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"

@@ -135,5 +135,5 @@ def test_collate_converts_boxes_to_float32_and_refuses_nothing():
     item = _drawn_item()
     item["boxes"] = item["boxes"].double()
     assert Collator()([item]).targets[0]["boxes"].dtype == torch.float32
-    with pytest.raises(ValueError, match="cannot collate an empty list of items"):
+    with pytest.raises(ValueError, match="^cannot collate an empty list of items$"):
         Collator()([])

@@ -227,5 +227,5 @@ def test_faster_coco_eval_ground_truth_and_a_missing_backend(monkeypatch, tmp_pa
     monkeypatch.setitem(sys.modules, "faster_coco_eval", None)
     ev = COCOEvaluator(coco(data), [3, 8], iou_types=("bbox",), backend="faster_coco_eval")
     ev.process([1], [detections([(1, 22, 15, 10, 0.9)])])
-    with pytest.raises(ImportError, match=r"backend 'faster_coco_eval' needs `pip install faster-coco-eval`"):
+    with pytest.raises(ImportError, match=r"^backend 'faster_coco_eval' needs `pip install faster-coco-eval`$"):
         ev.evaluate()

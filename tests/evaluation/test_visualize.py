@@ -194,3 +194,22 @@ def test_side_by_side_leaves_the_gap_between_tiles():
     # tile 1: x 70..189 (60 x 50 scaled to 120 x 100), the gap 190..193 white, tile 2 from 194
     assert (pic[:, 50, 189] == GREY).all() and (pic[:, 50, 190:194] == 255).all() and (pic[:, 50, 194] == GREY).all()
     assert (pic[:, 100:104, 100] == 255).all() and (pic[:, 104, 100] == GREY).all()  # the gap between the rows
+
+
+def test_wandb_overlays_of_calibrated_detections_on_a_padded_canvas():
+    from tensormask.evaluation.visualize import wandb_overlays
+
+    # a large square of class 0 (raw 0.3 -> calibrated 0.5: hidden at the default 0.6) and a small
+    # one of class 1 inside it (raw 0.2 -> 0.9: shown); then every detection at threshold 0
+    det = detections([(0, 5, 5, 30, 0.3), (1, 10, 10, 8, 0.2)])
+    out = wandb_overlays(det, ["a", "b"], calibration=_calibration(), canvas_size=(64, 70))
+    (box,) = out["boxes"]["predictions"]["box_data"]
+    assert box["class_id"] == 2 and box["box_caption"] == "b 0.90" and box["scores"] == {"score": pytest.approx(0.9)}
+    assert box["position"] == {"minX": 10.0, "minY": 10.0, "maxX": 18.0, "maxY": 18.0}
+    out = wandb_overlays(det, ["a", "b"], calibration=_calibration(), score_threshold=0.0, canvas_size=(64, 70))
+    class_map = out["masks"]["predictions"]["mask_data"]
+    assert class_map.shape == (64, 70)  # padded at the bottom and right to the canvas
+    assert class_map[12, 12] == 2 and class_map[30, 30] == 1 and class_map[2, 2] == 0 and class_map[60, 65] == 0
+    assert out["masks"]["predictions"]["class_labels"] == {0: "background", 1: "a", 2: "b"}
+    # no canvas size: the masks' own (50 x 60)
+    assert wandb_overlays(det, score_threshold=0.0)["masks"]["predictions"]["mask_data"].shape == (50, 60)

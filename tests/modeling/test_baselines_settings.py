@@ -26,3 +26,22 @@ def test_unknown_depth_or_norm_is_named():
         FasterRCNNBaseline(depth=42)
     with pytest.raises(ValueError, match=r"norm must be one of FrozenBN, BN, GN, got 'LN'"):
         FasterRCNNBaseline(depth=18, norm="LN")
+
+
+def test_a_weights_file_is_loaded_and_only_the_last_stages_train(tmp_path):
+    # with ImageNet weights (a torchvision ResNet state dict file), trainable_layers=2 trains layer3
+    # and layer4 only; without weights every stage trains (torchvision's rule)
+    import torch
+    from torchvision.models import resnet18
+
+    reference = resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "resnet18-test.pth")
+    model = FasterRCNNBaseline(num_classes=3, depth=18, norm="FrozenBN", trainable_layers=2,
+                               weights_backbone=str(tmp_path / "resnet18-test.pth"))
+    body = model.detector.backbone.body
+    torch.testing.assert_close(body.conv1.weight, reference.conv1.weight)
+    trains = {name: any(p.requires_grad for p in getattr(body, name).parameters())
+              for name in ("conv1", "layer1", "layer2", "layer3", "layer4")}
+    assert trains == {"conv1": False, "layer1": False, "layer2": False, "layer3": True, "layer4": True}
+    body = FasterRCNNBaseline(num_classes=3, depth=18, norm="BN", trainable_layers=2).detector.backbone.body
+    assert all(p.requires_grad for p in body.parameters())
