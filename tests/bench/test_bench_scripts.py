@@ -1,6 +1,7 @@
 """The benchmark scripts in bench/ run end to end on tiny inputs and print complete tables."""
 
 import ctypes.util
+import os
 import re
 import subprocess
 import sys
@@ -91,3 +92,19 @@ def test_bench_smoke_times_the_readme_smoke_run():
     out = _run("bench_smoke.py", "--repeats", "1")
     assert re.search(r"^run 1: [\d.]+ s  \(load average before: [\d.]+\)$", out, re.M), out
     assert re.search(r"smoke run median: [\d.]+ s over 1 run\(s\)", out), out
+
+
+def test_bench_main_step_times_each_variant(tmp_path):
+    """Two variants of the main job (on a tiny synthetic set): a row each, ratios to the first."""
+    tiny = "data.synthetic.num_train=8 data.synthetic.num_val=2"
+    done = subprocess.run([sys.executable, str(BENCH / "bench_main_step.py"), "--rounds", "2", "--steps", "1",
+                           "--warmup", "1", tiny, tiny + " data.max_size=64 data.min_size=64"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TENSORMASK_CACHE": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split(None, 5)[5]: line.split(None, 5)[:5] for line in done.stdout.splitlines()[2:]}
+    assert list(rows) == [tiny, tiny + " data.max_size=64 data.min_size=64"]
+    first, small = ([float(v) for v in row] for row in rows.values())
+    assert first[1] == 1.0 and first[3] == 1.0 and first[0] > 0 and first[2] > 0
+    # a quarter of the pixels: less CPU time per step than the 128 px images
+    assert small[0] < first[0] and small[1] == pytest.approx(small[0] / first[0], abs=2e-3)
