@@ -80,6 +80,8 @@ BUGS = [
      "p = precision[:, :, k, 0, -1]", "p = precision[:, :, k, 1, -1]", ["tests/evaluation/test_coco_evaluator.py"]),
     ("reported: per-category AP of large objects", "src/tensormask/evaluation/coco_eval.py",
      "p = precision[:, :, k, 0, -1]", "p = precision[:, :, k, 3, -1]", ["tests/evaluation/test_coco_evaluator.py"]),
+    ("reported: per-category AP within 10 detections per image", "src/tensormask/evaluation/coco_eval.py",
+     "p = precision[:, :, k, 0, -1]", "p = precision[:, :, k, 0, 1]", ["tests/evaluation/test_coco_evaluator.py"]),
     ("reported: calibrated display threshold 0.55", "src/tensormask/evaluation/visualize.py",
      "DEFAULT_CALIBRATED_THRESHOLD = 0.6", "DEFAULT_CALIBRATED_THRESHOLD = 0.55", ["tests/evaluation/test_visualize.py"]),
     ("reported: calibrated display threshold 0.7", "src/tensormask/evaluation/visualize.py",
