@@ -6,6 +6,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+import pytest
 from omegaconf import DictConfig, open_dict
 
 import tensormask.framework  # noqa: F401  (config resolvers)
@@ -95,3 +96,13 @@ DETECTING_RUN = [
 ]
 # what the fixture demands of the run's own evaluation: far above an untrained model's ~0
 DETECTING_MIN_AP = {"bbox": 0.4, "segm": 0.2}
+
+
+def assert_same_records(got: list[dict], expected: list[dict]) -> None:
+    """COCO result records equal up to float rounding (same order: image, then score)."""
+    assert len(got) == len(expected) > 0
+    key = lambda r: (r["image_id"], -r["score"], r["category_id"])  # noqa: E731
+    for a, b in zip(sorted(got, key=key), sorted(expected, key=key)):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"]), (a, b)
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5) and a["bbox"] == pytest.approx(b["bbox"], abs=1e-3), (a, b)
+        assert a["segmentation"] == b["segmentation"], (a["image_id"], a["score"])

@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from framework_helpers import DETECTING_MIN_AP, DETECTING_STEPS, compose_config
+from framework_helpers import DETECTING_MIN_AP, DETECTING_STEPS, assert_same_records, compose_config
 from tensormask.evaluate import evaluate
 from tensormask.framework.checkpoint_io import strict_json
 from tensormask.predict import predict
@@ -34,16 +34,6 @@ def test_eval_rebuilds_the_run_and_reproduces_its_metrics(detecting_run, tmp_pat
     # the same detections, record by record, as the run's own final evaluation
     assert_same_records(json.loads((tmp_path / "eval" / "coco_instances_results.json").read_text()),
                         json.loads((run_dir / "eval" / "coco_instances_results.json").read_text()))
-
-
-def assert_same_records(got: list[dict], expected: list[dict]) -> None:
-    """COCO result records equal up to float rounding (same order: image, then score)."""
-    assert len(got) == len(expected) > 0
-    key = lambda r: (r["image_id"], -r["score"], r["category_id"])  # noqa: E731
-    for a, b in zip(sorted(got, key=key), sorted(expected, key=key)):
-        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"]), (a, b)
-        assert a["score"] == pytest.approx(b["score"], abs=1e-5) and a["bbox"] == pytest.approx(b["bbox"], abs=1e-3), (a, b)
-        assert a["segmentation"] == b["segmentation"], (a["image_id"], a["score"])
 
 
 def test_predict_on_the_run_s_images_gives_its_detections(detecting_run, tmp_path):

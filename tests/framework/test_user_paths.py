@@ -21,7 +21,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from omegaconf import OmegaConf
 
-from framework_helpers import TINY_MODEL, TINY_RUN, compose_config
+from framework_helpers import TINY_MODEL, TINY_RUN, assert_same_records, compose_config
 from tensormask.errors import UserError
 from tensormask.framework.data_config import resolve_classes
 from tensormask.framework.pretrained import check_pretrained
@@ -108,6 +108,9 @@ def test_own_coco_data_trains_evaluates_and_predicts_with_the_files_ids(tmp_path
     assert results and {r["image_id"] for r in results} <= {150, 157, 164, 171}
     index = json.loads((out / "images.json").read_text())
     assert [i["id"] for i in index["images"]] == [150, 157, 164, 171]
+    # record by record the detections the run's own evaluation wrote for these images
+    assert_same_records(json.loads((out / "predictions.json").read_text()),
+                        json.loads((run_dir / "eval" / "coco_instances_results.json").read_text()))
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(paths["val_annotations"]))
         dt = gt.loadRes(str(out / "predictions.json"))
