@@ -1,6 +1,7 @@
 """Score-to-precision calibration (A.5) on constructed detections whose precision is known by hand."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -81,6 +82,11 @@ def test_save_load_round_trip(case, tmp_path):
     scores = torch.linspace(0, 1, 21)
     for k in (0, 1):
         torch.testing.assert_close(back.apply(torch.full((21,), k), scores), cal.apply(torch.full((21,), k), scores))
+    # a NaN in a curve is written as null (strict JSON, readable by any parser) and read back as NaN
+    cal.curves[0].precision[0] = math.nan
+    strict = json.loads(cal.save(tmp_path / "nan.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert strict["curves"][0]["precision"][0] is None
+    assert math.isnan(ScoreCalibration.load(tmp_path / "nan.json").curves[0].precision[0])
     (tmp_path / "bad.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(ValueError, match="bad.json: not a tensormask score calibration"):
         ScoreCalibration.load(tmp_path / "bad.json")

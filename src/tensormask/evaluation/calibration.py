@@ -190,8 +190,8 @@ class ScoreCalibration:
             "class_names": self.class_names,
             "curves": [
                 None if c is None else {
-                    "scores": c.scores.tolist(), "precision": c.precision.tolist(),
-                    "recall": c.recall.tolist(), "num_gt": c.num_gt,
+                    "scores": _strict(c.scores), "precision": _strict(c.precision),
+                    "recall": _strict(c.recall), "num_gt": c.num_gt,
                 }
                 for c in self.curves
             ],
@@ -200,7 +200,7 @@ class ScoreCalibration:
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict()))
+        path.write_text(json.dumps(self.to_dict(), allow_nan=False))
         return path
 
     @classmethod
@@ -223,6 +223,11 @@ class ScoreCalibration:
 
     def __len__(self) -> int:
         return len(self.curves)
+
+
+def _strict(values: np.ndarray) -> list[float | None]:
+    """`values` as a JSON list, a NaN as null (strict JSON has no NaN; `load` reads null back as NaN)."""
+    return [float(v) if math.isfinite(v) else None for v in values.tolist()]
 
 
 def average_precision_of(curve: CategoryCurve | None) -> float:
