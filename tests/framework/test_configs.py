@@ -29,7 +29,7 @@ def test_every_group_has_its_options():
     assert options("schedule") == ["1x", "6x", "quick", "quickstart"]
     assert {"cpu", "gpu", "ddp", "multinode"} <= set(options("trainer"))
     assert {"wandb", "csv", "tensorboard", "many"} <= set(options("logger"))
-    assert options("experiment") == ["quickstart", "r101_6x", "r50_1x", "r50_6x"]
+    assert options("experiment") == ["quickstart", "r101_6x", "r50_1x", "r50_6x", "tables_mini"]
     assert options("debug") == ["fast_dev_run", "overfit"]
     assert {"slurm", "local"} <= set(options("hydra/launcher"))
 
@@ -99,11 +99,13 @@ def test_optimizers(tmp_path, optimizer):
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiments_compose_and_build(tmp_path, experiment):
     # data=coco takes its classes from the annotation file at the start of a run: 80 for COCO
-    classes = [] if experiment == "quickstart" else ["data.num_classes=80"]
+    synthetic = experiment in ("quickstart", "tables_mini")  # the CPU recipes on the synthetic shapes
+    classes = [] if synthetic else ["data.num_classes=80"]
     cfg = compose_config("train", [f"experiment={experiment}", *classes], tmp_path)
     validate_config(cfg)
-    if experiment == "quickstart":
+    if synthetic:
         assert cfg.data.synthetic is not None and cfg.trainer.accelerator == "cpu"
+        assert cfg.model.backbone.depth == 18 and cfg.data.num_classes == 3
     else:
         assert cfg.data.num_classes == 80 and cfg.model._target_ == "tensormask.modeling.TensorMask"
         assert cfg.model.mask_head._target_.endswith("BipyramidMaskHead")
