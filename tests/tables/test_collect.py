@@ -182,6 +182,30 @@ def test_comparisons_say_whether_our_order_agrees_and_exceeds_the_spread(tmp_pat
     assert f"| aligned vs natural | AP | 0.4 |" in md and verdict in md
 
 
+def test_comparisons_give_the_gap_of_each_seed(tmp_path):
+    """The rows of a seed share its images and their order: the gap seed by seed, by hand."""
+    table = load_table("table1")
+    # a common seed effect (seed 2 high for both rows): unpaired, the gap (4) is within the spread
+    # (natural 20, 22, 30: std 5.29; aligned 23, 25, 36: std 7.00); paired it is +3, +3, +6
+    natural = collect_seeds(table, table.rows[0], seeded(tmp_path, "natural", [0.20, 0.22, 0.30]))
+    aligned = collect_seeds(table, table.rows[1], seeded(tmp_path, "aligned", [0.23, 0.25, 0.36]))
+    (c,) = compare(table, [natural, aligned])
+    assert c.verdict == "agrees, within the seed spread"
+    assert c.seed_gaps == pytest.approx({0: 3.0, 1: 3.0, 2: 6.0})
+    assert c.seeds_in_order == 3 and c.per_seed == "+3.0 / +3.0 / +6.0 (3/3 in the paper's order)"
+    md = markdown(table, [natural, aligned], "mini")
+    assert "| agrees, within the seed spread | +3.0 / +3.0 / +6.0 (3/3 in the paper's order) |" in md
+    # a seed that failed in one row is left out; a seed against the paper's order is counted out
+    partial = collect_seeds(table, table.rows[1], seeded(tmp_path / "p", "aligned", [0.19, None, 0.36]))
+    (c,) = compare(table, [natural, partial])
+    assert c.seed_gaps == pytest.approx({0: -1.0, 2: 6.0}) and c.seeds_in_order == 1
+    assert c.per_seed == "-1.0 / +6.0 (1/2 in the paper's order)"
+    # one seed: nothing per seed
+    (c,) = compare(table, [collect_seeds(table, table.rows[0], seeded(tmp_path / "o", "natural", [0.2])),
+                           collect_seeds(table, table.rows[1], seeded(tmp_path / "o", "aligned", [0.3]))])
+    assert c.per_seed == "-"
+
+
 def test_wandb_gets_the_comparisons(tmp_path):
     from tensormask.tables.format import comparison_columns, wandb_comparisons
 
@@ -193,3 +217,4 @@ def test_wandb_gets_the_comparisons(tmp_path):
     (row,) = logged.data
     assert row[0] == "aligned vs natural" and row[1] == "segm.AP" and row[2] == pytest.approx(0.4)
     assert row[3] == pytest.approx(9.0) and row[5] is True and row[6] is True and row[7] == "agrees, gap > spread"
+    assert row[8] == "+10.0 / +8.0 / +9.0 (3/3 in the paper's order)" and row[9] == 3

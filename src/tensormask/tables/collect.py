@@ -165,6 +165,26 @@ class ComparisonResult:
     spread: float | None  # std(first) + std(second) over seeds; None with fewer than 2 seeds per row
     agrees: bool | None  # same sign as the paper's gap; None: a number is missing, or a gap is 0
     exceeds: bool | None  # |our gap| > spread; None: no spread
+    # first - second seed by seed, over the seeds both rows finished: the rows of one seed see the same
+    # images in the same order (data.seed is the run's seed), so a seed's effect common to both rows,
+    # which the spread counts twice, cancels here
+    seed_gaps: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def seeds_in_order(self) -> int | None:
+        """How many seeds' gaps have the paper's sign (None: no paper order, or no per-seed gap)."""
+        if not self.seed_gaps or not self.paper_gap:
+            return None
+        return sum((g > 0) == (self.paper_gap > 0) for g in self.seed_gaps.values() if g != 0)
+
+    @property
+    def per_seed(self) -> str:
+        """e.g. "+5.4 / +6.4 / +3.8 (3/3 in the paper's order)"; "-" with fewer than two seeds."""
+        if len(self.seed_gaps) < 2:
+            return "-"
+        gaps = " / ".join(f"{self.seed_gaps[s]:+.1f}" for s in sorted(self.seed_gaps))
+        n = self.seeds_in_order
+        return gaps if n is None else f"{gaps} ({n}/{len(self.seed_gaps)} in the paper's order)"
 
     @property
     def verdict(self) -> str:
@@ -196,5 +216,11 @@ def compare(table: TableSpec, results: list[RowResult]) -> list[ComparisonResult
         if paper_gap is not None and our_gap is not None and paper_gap != 0 and our_gap != 0:
             agrees = (paper_gap > 0) == (our_gap > 0)
         exceeds = None if spread is None or our_gap is None else abs(our_gap) > spread
-        out.append(ComparisonResult(c.label, c.column, paper_gap, our_gap, spread, agrees, exceeds))
+        seed_gaps = {}
+        if a and b:
+            for seed in sorted(set(a.per_seed) & set(b.per_seed)):
+                va, vb = a.per_seed[seed].get(c.column.key), b.per_seed[seed].get(c.column.key)
+                if va is not None and vb is not None:
+                    seed_gaps[seed] = va - vb
+        out.append(ComparisonResult(c.label, c.column, paper_gap, our_gap, spread, agrees, exceeds, seed_gaps))
     return out

@@ -97,11 +97,12 @@ def markdown(table: TableSpec, results: list[RowResult], scale: str, sweep_dir: 
     if comparisons:
         lines += ["", "## The paper's comparisons", "",
                   "Gap: first row minus second row. Spread: the sum of the two rows' seed standard deviations; "
-                  "a gap within it is not separated from run-to-run noise.", "",
-                  "| comparison | column | paper gap | our gap | spread | our order |", "|---|---|---:|---:|---:|---|"]
+                  "a gap within it is not separated from run-to-run noise. Per seed: the gap of each seed "
+                  "(the rows of a seed see the same images in the same order, so a seed's common effect cancels).", "",
+                  "| comparison | column | paper gap | our gap | spread | our order | per seed |", "|---|---|---:|---:|---:|---|---|"]
         for c in comparisons:
             lines.append(f"| {c.label} | {c.column.header} | {_number(c.paper_gap, 1) or 'n/r'} | {_number(c.our_gap, 1) or '-'} "
-                         f"| {_number(c.spread, 1) or '-'} | {c.verdict} |")
+                         f"| {_number(c.spread, 1) or '-'} | {c.verdict} | {c.per_seed} |")
     unfinished = [r for r in results if not r.finished]
     if unfinished:
         lines += ["", "## Rows not finished", ""]
@@ -124,11 +125,13 @@ def _ours(r: RowResult, key: str) -> str:
 
 
 def comparison_columns() -> list[str]:
-    return ["comparison", "column", "paper gap", "our gap", "spread", "agrees", "gap > spread", "verdict"]
+    return ["comparison", "column", "paper gap", "our gap", "spread", "agrees", "gap > spread", "verdict", "gap per seed",
+            "seeds in the paper's order"]
 
 
 def comparison_rows(comparisons: list[ComparisonResult]) -> list[list[Any]]:
-    return [[c.label, c.column.key, c.paper_gap, c.our_gap, c.spread, c.agrees, c.exceeds, c.verdict] for c in comparisons]
+    return [[c.label, c.column.key, c.paper_gap, c.our_gap, c.spread, c.agrees, c.exceeds, c.verdict, c.per_seed, c.seeds_in_order]
+            for c in comparisons]
 
 
 def write_markdown(path: str | Path, table: TableSpec, results: list[RowResult], scale: str, sweep_dir=None) -> Path:
