@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-import pytest
 from omegaconf import DictConfig, open_dict
 
 import tensormask.framework  # noqa: F401  (config resolvers)
@@ -63,7 +63,6 @@ def tiny_train_config(output_dir: Path, *extra: str, pictures: bool = False) -> 
     # mode=box_only builds no mask head: nothing to shrink there
     model = [o for o in TINY_MODEL if not ("mode=box_only" in extra and o.startswith("model.mask_head."))]
     return compose_config("train", [*model, *TINY_DATA, *run, *extra], output_dir)
-
 
 
 # A tiny model that really detects (the `detecting_run` fixture, tests/framework/conftest.py): the
