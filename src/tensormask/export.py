@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tensormask import framework  # noqa: F401  (registers the config resolvers)
 from tensormask.deploy import DEPLOY_JSON, PACKAGE_FILE, PROGRAM_FILE, InferenceNetwork
 from tensormask.errors import UserError
-from tensormask.framework.builders import build_model, find_run_config, load_model_weights
+from tensormask.framework.builders import class_mapping, trained_model
 from tensormask.framework.entry import config_dir, run_main, short_user_errors
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,7 @@ def deploy_metadata(run_cfg: DictConfig, model: torch.nn.Module, classes: dict[s
     min_size = test["min_size"]
     if isinstance(min_size, list):
         min_size = max(min_size)
-    num_classes = int(run_cfg.data.num_classes)
-    contiguous_to_coco = classes.get("contiguous_to_coco", list(range(1, num_classes + 1)))
+    classes = class_mapping(int(run_cfg.data.num_classes), classes)
     return {
         "model": model_cfg,
         "layout": InferenceNetwork(model).layout(),
@@ -69,8 +68,7 @@ def deploy_metadata(run_cfg: DictConfig, model: torch.nn.Module, classes: dict[s
                        "min_padded_size": (max(model.strides) // int(model.size_divisibility) + 1)
                        * int(model.size_divisibility), "pixel_mean": list(model.pixel_mean),
                        "pixel_std": list(model.pixel_std), "bgr": str(model.input_format).upper() == "BGR"},
-        "classes": {"contiguous_to_coco": contiguous_to_coco,
-                    "class_names": classes.get("class_names", [str(c) for c in contiguous_to_coco])},
+        "classes": classes,
     }
 
 
@@ -91,24 +89,15 @@ def write_export(model: torch.nn.Module, metadata: dict[str, Any], out_dir: str 
 
 
 def export(cfg: DictConfig) -> dict[str, Path]:
-    ckpt = Path(str(cfg.ckpt_path))
-    if not ckpt.is_file():
-        raise UserError(f"ckpt_path={ckpt}: no such checkpoint file")
-    run_config = find_run_config(ckpt)
-    if run_config is None:
-        raise UserError(f"no config.yaml beside {ckpt}: cannot rebuild the model of this checkpoint")
     if str(cfg.device) not in ("cpu", "cuda"):
         raise UserError(f"device={cfg.device}: expected cpu or cuda")
     if str(cfg.device) == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda: no CUDA device here")
-    run_cfg = OmegaConf.load(run_config)
-    model = build_model(run_cfg)
+    ckpt, run_cfg, model, classes = trained_model(str(cfg.ckpt_path))
     if not hasattr(model, "mask_head") or not hasattr(model, "window_sizes"):
-        raise UserError(f"{run_config}: model {run_cfg.model.get('_target_')} is not a TensorMask; only TensorMask "
+        raise UserError(f"{ckpt}: model {run_cfg.model.get('_target_')} is not a TensorMask; only TensorMask "
                         "models are exported")
-    load_model_weights(model, ckpt)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    metadata = deploy_metadata(run_cfg, model, state.get("classes") or {})
+    metadata = deploy_metadata(run_cfg, model, classes)
     paths = write_export(model, metadata, cfg.paths.output_dir, tuple(cfg.example_size), int(cfg.max_size),
                          bool(cfg.aoti), str(cfg.device))
     print("tensormask-export:\n" + "\n".join(f"  {k + ':':<9} {v}" for k, v in paths.items()), flush=True)

@@ -34,12 +34,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from tensormask import framework  # noqa: F401  (registers the config resolvers)
 from tensormask.data.images import ImageFiles, list_images
-from tensormask.errors import MissingFileError, UserError
-from tensormask.framework.builders import (
-    build_model, build_module, build_trainer, find_run_config, instantiate_list, load_model_weights,
-)
+from tensormask.errors import UserError
+from tensormask.framework.builders import build_module, build_trainer, instantiate_list, trained_model
 from tensormask.framework.callbacks import PredictionImages, PredictionWriter
-from tensormask.framework.checkpoint_io import checkpoint_file, read_checkpoint
 from tensormask.framework.entry import config_dir, link_latest, quiet_known_warnings, run_main, short_user_errors
 from tensormask.framework.loggers import finish_wandb
 from tensormask.framework.validation import check_environment
@@ -98,19 +95,9 @@ def predict(cfg: DictConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from tensormask.framework.datamodule import _transform_kwargs
 
     check_environment(cfg)
-    ckpt = checkpoint_file(str(cfg.ckpt_path))
-    run_config = find_run_config(ckpt)
-    if run_config is None:
-        raise MissingFileError(f"no config.yaml beside {ckpt}: cannot rebuild the model of this checkpoint")
     quiet_known_warnings()
-    run_cfg = OmegaConf.load(run_config)
-    model = build_model(run_cfg)
-    load_model_weights(model, ckpt)
-    state = read_checkpoint(ckpt, mmap=True)  # the class mapping (the weights are loaded above)
-    classes = state.get("classes") or {}
-    num_classes = int(run_cfg.data.num_classes)
-    contiguous_to_coco = classes.get("contiguous_to_coco", list(range(1, num_classes + 1)))
-    class_names = classes.get("class_names", [str(c) for c in contiguous_to_coco])
+    _, run_cfg, model, classes = trained_model(str(cfg.ckpt_path))
+    contiguous_to_coco, class_names = classes["contiguous_to_coco"], classes["class_names"]
     # the module of the run (channels-last, compile) without its evaluator: nothing is evaluated here
     module = build_module(run_cfg, model)
     module.evaluator_factory = None

@@ -11,7 +11,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tensormask.framework.checkpoint_io import AtomicCheckpointIO, read_checkpoint
+from tensormask.errors import MissingFileError
+from tensormask.framework.checkpoint_io import AtomicCheckpointIO, checkpoint_file, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +112,27 @@ def load_model_weights(model: torch.nn.Module, checkpoint: str | Path) -> dict[s
     weights = {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")} or weights
     model.load_state_dict(weights, strict=True)
     return {"source": "lightning", "global_step": state.get("global_step"), "epoch": state.get("epoch")}
+
+
+def class_mapping(num_classes: int, stored: dict[str, Any] | None) -> dict[str, list]:
+    """A run's classes as a checkpoint stores them (`contiguous_to_coco`, `class_names`); labels 0..K-1
+    as COCO ids 1..K named by their ids where the checkpoint has none."""
+    stored = stored or {}
+    contiguous_to_coco = list(stored.get("contiguous_to_coco", range(1, num_classes + 1)))
+    return {"contiguous_to_coco": contiguous_to_coco,
+            "class_names": list(stored.get("class_names", [str(c) for c in contiguous_to_coco]))}
+
+
+def trained_model(ckpt_path: str | Path) -> tuple[Path, DictConfig, torch.nn.Module, dict[str, list]]:
+    """The model of a training run's checkpoint (a .ckpt file, or a run folder: `checkpoint_file`),
+    rebuilt from the config.yaml beside it and loaded with its weights: (checkpoint file, run config,
+    model, `class_mapping`)."""
+    ckpt = checkpoint_file(ckpt_path)
+    run_config = find_run_config(ckpt)
+    if run_config is None:
+        raise MissingFileError(f"no config.yaml beside {ckpt}: cannot rebuild the model of this checkpoint")
+    run_cfg = OmegaConf.load(run_config)
+    model = build_model(run_cfg)
+    load_model_weights(model, ckpt)
+    stored = read_checkpoint(ckpt, mmap=True).get("classes")  # the mapping only: mmap reads no weights
+    return ckpt, run_cfg, model, class_mapping(int(run_cfg.data.num_classes), stored)
