@@ -43,7 +43,8 @@ def exported(tmp_path_factory):
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "classes": classes}, ckpt)
     OmegaConf.save(OmegaConf.create({"model": OmegaConf.to_container(cfg.model, resolve=True),
                                      "data": OmegaConf.to_container(cfg.data, resolve=True)}), run / "config.yaml")
-    export_cfg = compose_config("export", [f"ckpt_path={ckpt}", "example_size=[256,288]", "aoti=false"],
+    # the run folder, as users name it (tensormask-export ckpt_path=outputs/train/latest): its last.ckpt
+    export_cfg = compose_config("export", [f"ckpt_path={run}", "example_size=[256,288]", "aoti=false"],
                                 run / "export")
     paths = export(export_cfg)
     return model, paths
