@@ -105,3 +105,13 @@ def test_rich_progress_bar_counts_steps(tmp_path, capsys):
     assert isinstance(objects["trainer"].progress_bar_callback, StepRichProgressBar)
     out = capsys.readouterr().out
     assert "train (steps)" in out and "3/3" in out and "train/loss" in out and "v_num" not in out
+
+
+def test_progress_bar_off_with_the_default_callbacks(tmp_path, capsys):
+    """`trainer.enable_progress_bar=false` alone (callbacks/progress_bar still selected) trains without a bar."""
+    run = [o for o in TINY_RUN if not o.startswith("callbacks.progress_bar")]
+    cfg = compose_config("train", [*TINY_MODEL, *TINY_DATA, *run], tmp_path / "run")
+    assert cfg.callbacks.progress_bar is not None and cfg.trainer.enable_progress_bar is False
+    _, objects = train(cfg)
+    assert objects["trainer"].progress_bar_callback is None
+    assert "train (steps)" not in capsys.readouterr().out

@@ -4,6 +4,7 @@ no-object images, no detections, original-size outputs."""
 import pytest
 import torch
 
+from tensormask import ops
 from tensormask.modeling import ResNetFPN
 from tensormask.modeling.heads import BipyramidMaskHead
 
@@ -267,11 +268,31 @@ def test_mask_loss_same_with_sparse_or_dense_decoding(head):
     losses, grads = [], []
     for factor in (0, 10**9):  # 0: always sparse (natural_at); huge: always dense (natural + gather)
         model.criterion.dense_decode_factor = factor
+        model.criterion.dense_max_elements = factor
         loss = model.losses(out, _targets(), SIZES)["loss_mask"]
         losses.append(loss.detach())
         grads.append(torch.autograd.grad(loss, model.mask_head.predictors[1].weight, retain_graph=True)[0])
     assert torch.allclose(losses[0], losses[1], rtol=1e-5)
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.skipif(not ops.backend.use_extension(torch.zeros(1)), reason="needs the compiled CPU kernels")
+def test_mask_loss_decodes_small_levels_densely_with_the_compiled_op(monkeypatch):
+    """With the compiled kernels, levels of at most dense_max_elements natural-mask elements are decoded
+    densely (the sparse pure-PyTorch evaluation made the quickstart's step 1.2x slower); above it, sparsely."""
+    model = make_model("bipyramid")
+    model.train()
+    out = model(torch.randn(2, 3, 128, 128))
+    calls = []
+    for name in ("natural", "natural_at"):
+        real = getattr(model.mask_head, name)
+        monkeypatch.setattr(model.mask_head, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    model.losses(out, _targets(), SIZES)
+    assert calls and set(calls) == {"natural"}
+    calls.clear()
+    model.criterion.dense_max_elements = 2 * 32 * 32 * 15 * 15 - 1  # one element less than P2's 15x15 windows
+    model.losses(out, _targets(), SIZES)
+    assert "natural_at" in calls
 
 
 @pytest.mark.parametrize("head", ["upscaling_natural", "upscaling_aligned"])

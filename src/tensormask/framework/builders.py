@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -77,7 +78,12 @@ def build_module(cfg: DictConfig, model: torch.nn.Module, output_dir: str | None
 
 def build_trainer(cfg: DictConfig, *, callbacks: list[Any] | None = None, loggers: list[Any] | bool = False,
                   **overrides: Any) -> L.Trainer:
-    return instantiate(cfg.trainer, callbacks=callbacks or [], logger=loggers, plugins=[AtomicCheckpointIO()],
+    """The Trainer of ``cfg.trainer``. With ``trainer.enable_progress_bar=false`` the progress-bar callbacks
+    (callbacks/progress_bar) are left out, rather than Lightning refusing the pair."""
+    callbacks = list(callbacks or [])
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()],
                        **overrides)
 
 

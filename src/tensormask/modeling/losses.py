@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tensormask import ops
+
 from .assignment import assign_windows, mask_targets
 from .windows import BOX_WEIGHTS, Windows, encode_boxes, flatten_per_window
 
@@ -46,8 +48,15 @@ class TensorMaskCriterion:
         scale_thresh, min_size, spatial_thresh: the assignment rule (:mod:`.assignment`).
     """
 
-    # Sparse decoding of positives costs about this many dense outputs per mask cell; with more
-    # positives than (N * H_k * W_k) / this, the dense op (compiled kernel) plus a gather is cheaper.
+    # How the positives' masks are decoded: from the level's dense natural tensor and a gather
+    # (detectron2's way), or by the heads' sparse evaluation at the positives only. Where the compiled
+    # align2nat kernels run, the dense tensor costs ~1 ns per element, while the sparse evaluation (pure
+    # PyTorch) is ~100 small operations forward and as many backward whatever the number of positives:
+    # dense up to dense_max_elements (64 MB in float32; the quickstart's levels have < 1 M), which made the
+    # quickstart's training step 0.82x (docs/framework.md "Where the main job's time goes"). Otherwise
+    # (larger levels, or the pure-PyTorch reference backend) the sparse evaluation, unless the positives
+    # are so many that (N * H_k * W_k) / dense_decode_factor of them cost as much as the dense tensor.
+    dense_max_elements = 2**24
     dense_decode_factor = 16
 
     def __init__(self, num_classes: int, *, focal_alpha: float = 0.3, focal_gamma: float = 3.0,
@@ -159,7 +168,10 @@ class TensorMaskCriterion:
         grid: (N, H_k, W_k), the level's batch size and window grid."""
         n, h, w = grid
         ys, xs = windows.ys[positives.window], windows.xs[positives.window]
-        if positives.image.numel() * self.dense_decode_factor >= n * h * w:
+        cells = mask_head.cells(level, a)
+        compiled = ops.backend.use_extension(masks.raw[level][a])
+        if (compiled and n * h * w * cells * cells <= self.dense_max_elements) or (
+                positives.image.numel() * self.dense_decode_factor >= n * h * w):
             return mask_head.natural(masks, level, a)[positives.image, :, ys, xs].float()
         return mask_head.natural_at(masks, level, a, positives.image, ys, xs).float()
 
