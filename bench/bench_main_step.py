@@ -26,7 +26,9 @@ import statistics
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the entry points set it (docs/framework.md "CPU threads")
+from tensormask import openmp  # noqa: E402
+
+openmp.configure()  # as the entry points do, before torch loads OpenMP (docs/framework.md "CPU threads")
 
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
@@ -102,7 +104,8 @@ def main() -> None:
         for v in variants:
             v.timed(args.steps)
     print(f"# threads={torch.get_num_threads()} torch={torch.__version__} "
-          f"TENSORMASK_MALLOC={os.environ.get('TENSORMASK_MALLOC', '(unset)')} load={os.getloadavg()[0]:.1f}; "
+          f"TENSORMASK_MALLOC={os.environ.get('TENSORMASK_MALLOC', '(unset)')} "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')} load={os.getloadavg()[0]:.1f}; "
           f"medians over {args.rounds} rounds of {args.steps} steps")
     cpu0, wall0 = statistics.median(variants[0].cpu), statistics.median(variants[0].wall)
     print(f"{'CPU ms/step':>12} {'x first':>8} {'wall ms/step':>13} {'x first':>8} {'faults/step':>12}  variant")

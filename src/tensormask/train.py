@@ -15,12 +15,9 @@ docs/framework.md#where-outputs-land.
 
 from __future__ import annotations
 
-import os
+from tensormask import openmp
 
-# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a CPU shared with
-# other work, spinning threads wait for each other's time slices at every parallel region and a
-# training step gets several times slower (measured: docs/framework.md). Set it to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+openmp.configure()  # before torch loads OpenMP: idle threads spin briefly, then sleep
 
 import logging  # noqa: E402
 import shlex

@@ -96,6 +96,13 @@ def test_optimizers(tmp_path, optimizer):
     assert decays == [0.0, cfg.module.weight_decay]  # norm layers take weight_decay_norm
 
 
+def test_the_main_job_trains_with_fused_adamw(tmp_path):
+    """The quickstart's recipe (conf/experiment/quickstart.yaml): AdamW in one kernel per group (0.95x a step)."""
+    cfg = compose_config("train", [], tmp_path)
+    opt = build_module(cfg, build_model(cfg)).configure_optimizers()["optimizer"]
+    assert type(opt).__name__ == "AdamW" and opt.defaults["fused"] is True
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiments_compose_and_build(tmp_path, experiment):
     # data=coco takes its classes from the annotation file at the start of a run: 80 for COCO
