@@ -120,3 +120,29 @@ def test_32_bit_integer_grey_within_16_bits_is_scaled(tmp_path):
     expected = torch.from_numpy(np.rint(ramp / 257.0).astype(np.uint8))
     for c in range(3):
         assert torch.equal(image[c], expected)
+
+
+def test_exif_rotated_jpeg_is_read_upright(tmp_path):
+    # a phone photo: pixels stored sideways, EXIF orientation 6 ("rotate 90 degrees clockwise to
+    # display"); annotation tools show and record it upright, so it is read upright (as detectron2 does)
+    upright = np.zeros((16, 40, 3), np.uint8)
+    upright[:, :8] = (250, 0, 0)  # the left edge is red
+    stored = np.ascontiguousarray(np.rot90(upright, 1))  # (40, 16): the red edge at the bottom
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    image = read_image(tmp_path / "phone.jpg")
+    assert image.shape == (3, 16, 40)
+    assert int(image[0, 8, 2]) > 200 and int(image[0, 8, 30]) < 50
+
+
+def test_dataset_reads_an_exif_rotated_jpeg_at_its_json_size(coco_writer):
+    coco_writer.add_image(1, 16, 40)  # (h, w) as the annotation tool saw it: upright
+    coco_writer.add_ann(101, 1, 5, SQUARE, bbox=[2.0, 2.0, 10.0, 10.0])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((40, 16, 3), np.uint8)).save(coco_writer.image_dir / "000001.png".replace(
+        ".png", ".jpg"), exif=exif.tobytes())
+    (coco_writer.image_dir / "000001.jpg").rename(coco_writer.image_dir / "000001.png")
+    image_dir, ann = coco_writer.write()
+    assert CocoInstances(image_dir, ann, train=False)[0]["image"].shape == (3, 16, 40)

@@ -2,6 +2,8 @@
 
 One reader for training, evaluation and prediction, so a file loads the same everywhere:
 - 8-bit files (JPEG, PNG, BMP, TIFF, WebP, GIF; grey, palette, RGBA, CMYK) -> RGB;
+- a file with an EXIF orientation (phone and camera photos stored sideways) is turned upright, as
+  image viewers and annotation tools show it (and as the JSON's width / height record it);
 - 16-bit files (common for microscopy and depth data; PNG or TIFF, grey or RGB) are scaled
   linearly from 0..65535 to 0..255 (value / 257, rounded), never clipped to white;
 - anything else (32-bit integer or floating-point pixels, whose range the file does not state)
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tensormask.errors import MissingFileError, UserError
 
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 _16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+_EXIF_ORIENTATION = 0x0112  # the EXIF tag of how the stored pixels are turned for display
 
 
 def list_images(path: str | Path, key: str = "input") -> list[Path]:
@@ -90,6 +94,8 @@ def read_image(file: str | os.PathLike) -> torch.Tensor:
     try:
         with Image.open(file) as pil:
             pil.load()
+            if pil.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                pil = ImageOps.exif_transpose(pil)  # the upright image, as shown to the annotator
             array = _to_rgb_array(pil, file)
     except FileNotFoundError:
         raise
