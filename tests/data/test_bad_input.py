@@ -8,6 +8,7 @@ import pytest
 from coco_files import compressed_rle
 
 from tensormask.data import CocoFormatError, CocoInstances
+from tensormask.errors import UserError
 
 SQUARE = [[2.0, 2.0, 12.0, 2.0, 12.0, 12.0, 2.0, 12.0]]
 
@@ -22,13 +23,15 @@ def _good(w, n_images=2):
 def test_missing_image_file(coco_writer):
     image_dir, ann = _good(coco_writer).write()
     (image_dir / "000002.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"instances\.json.*1 image file\(s\) missing.*000002\.png"):
+    with pytest.raises(FileNotFoundError, match=r"instances\.json.*1 image file\(s\) missing.*000002\.png") as info:
         CocoInstances(image_dir, ann, train=True)
+    assert isinstance(info.value, UserError)  # the entry points end it in one line, not a traceback
     # unchecked at construction: the error comes at load time, naming the file and the image id
     ds = CocoInstances(image_dir, ann, train=True, check_files=False)
     ds[0]
-    with pytest.raises(FileNotFoundError, match=r"000002\.png \(image id 2 in .*instances\.json\)"):
+    with pytest.raises(FileNotFoundError, match=r"000002\.png \(image id 2 in .*instances\.json\)") as info:
         ds[1]
+    assert isinstance(info.value, UserError)
 
 
 def test_corrupt_image(coco_writer):
@@ -139,3 +142,14 @@ def test_duplicate_ids(coco_writer):
     image_dir, ann = coco_writer.write()
     with pytest.raises(CocoFormatError, match=r"instances\.json: duplicate annotation id 101"):
         CocoInstances(image_dir, ann, train=True)
+
+
+def test_every_bad_input_error_is_a_users_mistake(coco_writer, tmp_path):
+    # the entry points print a UserError as one line naming the file (docs/framework.md#errors);
+    # anything else is shown as a bug, with a traceback
+    assert issubclass(CocoFormatError, UserError) and issubclass(CocoFormatError, ValueError)
+    with pytest.raises(UserError, match=r"annotation file not found: .*nope\.json"):
+        CocoInstances(tmp_path, tmp_path / "nope.json", train=True)
+    image_dir, ann = _good(coco_writer).write()
+    with pytest.raises(UserError, match=r"image folder not found: .*nothere"):
+        CocoInstances(tmp_path / "nothere", ann, train=True)

@@ -116,3 +116,22 @@ def test_reproduce_help_shows_examples(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert 3 <= sum(line.strip().startswith("tensormask-reproduce table=") for line in out.splitlines()) <= 5
+
+
+def test_a_users_mistake_raised_in_a_loader_worker_is_one_line():
+    # a DataLoader worker's error comes back as its type with the worker's whole traceback as the
+    # message ("Caught CocoFormatError in DataLoader worker process 1. Original Traceback ..."):
+    # the short message is the original one, naming the file
+    from torch._utils import ExceptionWrapper
+
+    from tensormask.data.coco import CocoFormatError
+    from tensormask.framework.entry import user_error_message
+
+    try:
+        try:
+            raise CocoFormatError("cannot decode image /d/train/a.png (image id 7 in /d/train.json): truncated")
+        except CocoFormatError:
+            ExceptionWrapper(where="in DataLoader worker process 1").reraise()
+    except CocoFormatError as err:
+        assert "Traceback" in str(err)
+        assert user_error_message(err) == "cannot decode image /d/train/a.png (image id 7 in /d/train.json): truncated"

@@ -37,19 +37,21 @@ from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
 from tensormask.data.images import ImageReadError, read_image
+from tensormask.errors import MissingFileError, UserError
 
 log = logging.getLogger(__name__)
 
 
-class CocoFormatError(ValueError):
-    """A COCO annotation file (or an image it lists) is malformed; the message names file and record."""
+class CocoFormatError(UserError, ValueError):
+    """A COCO annotation file (or an image it lists) is malformed; the message names file and record.
+    A `UserError`: the entry points end it in one line (docs/framework.md#errors)."""
 
 
 def load_coco_json(annotation_file: str | os.PathLike) -> dict[str, Any]:
     """Parse a COCO instances JSON, with errors that name the file and the position."""
     path = Path(annotation_file)
     if not path.is_file():
-        raise FileNotFoundError(f"COCO annotation file not found: {path}")
+        raise MissingFileError(f"COCO annotation file not found: {path}")
     try:
         with open(path, "rb") as f:
             data = json.load(f)
@@ -191,7 +193,7 @@ class CocoInstances(torch.utils.data.Dataset):
         self.drop_empty = train if drop_empty is None else drop_empty
         path = Path(annotation_file)
         if not self.image_dir.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.image_dir} (for {path})")
+            raise MissingFileError(f"image folder not found: {self.image_dir} (for {path})")
 
         data = load_coco_json(path)
         # categories -> contiguous ids, sorted by COCO id (the usual convention)
@@ -290,7 +292,7 @@ class CocoInstances(torch.utils.data.Dataset):
         if check_files:
             missing = [images[i]["file_name"] for i in ids if not (self.image_dir / images[i]["file_name"]).is_file()]
             if missing:
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"{path}: {len(missing)} image file(s) missing under {self.image_dir}, e.g. {missing[:5]}"
                 )
 
@@ -313,7 +315,7 @@ class CocoInstances(torch.utils.data.Dataset):
         try:
             image = read_image(file)  # 16-bit files scaled to 8 bit, not clipped (data/images.py)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"image file missing: {file} (image id {info['id']} in {self.annotation_file})") from e
+            raise MissingFileError(f"image file missing: {file} (image id {info['id']} in {self.annotation_file})") from e
         except ImageReadError as e:
             raise CocoFormatError(
                 f"cannot decode image {file} (image id {info['id']} in {self.annotation_file}): {e.reason}"

@@ -156,6 +156,21 @@ def _unknown_key_message(full_key: str, parent: Any) -> str:
     return text
 
 
+def _unwrap_worker_message(err: BaseException) -> str:
+    """The message of `err`; for an error re-raised from a DataLoader worker, whose message is the
+    worker's whole traceback ("Caught X in DataLoader worker process 1. Original Traceback ..."),
+    the original message at its end."""
+    text = str(err)
+    if "Original Traceback (most recent call last)" not in text:
+        return text
+    kind = type(err)
+    for name in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
+        at = text.rfind("\n" + name)
+        if at >= 0:
+            return text[at + 1 + len(name):].strip()
+    return text
+
+
 def user_error_message(err: BaseException) -> str | None:
     """The short message for a mistake the user can fix, None for anything else (a bug)."""
     from hydra.errors import (
@@ -170,7 +185,7 @@ def user_error_message(err: BaseException) -> str | None:
     chain = list(_chain(err))
     for e in chain:
         if isinstance(e, UserError):
-            return str(e)
+            return _unwrap_worker_message(e)
     for e in chain:
         if isinstance(e, InstantiationException) and isinstance(e.__cause__, (ValueError, TypeError)):
             # a constructor refused its arguments: "Error in call to target 'X':\nValueError(...)\nfull_key: k"
