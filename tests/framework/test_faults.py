@@ -276,3 +276,32 @@ def test_run_with_a_failing_checkpoint_write_names_it_and_keeps_the_previous(tmp
     ckpts = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["config.yaml", "last.ckpt", "step0000002.ckpt"]
     assert read_checkpoint(ckpts / "last.ckpt")["global_step"] == 2
+
+
+def test_a_damaged_image_found_mid_run_keeps_the_steps_trained(tmp_path, monkeypatch, capsys):
+    # a user's own data set with one damaged image, in the 4th batch of a run checkpointing every
+    # 100 steps: the run stops with the error naming the file, and last.ckpt keeps the steps trained
+    # (2: Lightning loads one batch ahead), from which ckpt_path=last resumes once the file is fixed
+    # (docs/framework.md "What survives a fault")
+    from tensormask.data.coco import CocoFormatError, CocoInstances
+
+    original, served = CocoInstances.__getitem__, []
+
+    def damaged_in_batch_4(self, index):
+        if self.train:
+            served.append(index)
+            if len(served) == 7:  # global_batch_size=2
+                raise CocoFormatError("cannot decode image mine/train/a.png (image id 7 in mine/train.json): truncated")
+        return original(self, index)
+
+    monkeypatch.setattr(CocoInstances, "__getitem__", damaged_in_batch_4)
+    run_dir = tmp_path / "run"
+    cfg = _cfg(run_dir, "callbacks.model_checkpoint.every_n_train_steps=100", "data.num_workers=0")
+    with pytest.raises(UserError, match="mine/train/a.png"):
+        train(cfg)
+    found, _ = find_resume_checkpoint(run_dir / "checkpoints")
+    assert found == run_dir / "checkpoints" / "last.ckpt" and read_checkpoint(found)["global_step"] == 2
+    assert json.loads((run_dir / "run_summary.json").read_text())["status"] == "failed"
+    _, objects = train(_cfg(run_dir, "callbacks.model_checkpoint.every_n_train_steps=100", "data.num_workers=0",
+                            "ckpt_path=last"))  # the file fixed: resumed
+    assert f"resuming from {found} (step 2" in capsys.readouterr().out and objects["trainer"].global_step == 6

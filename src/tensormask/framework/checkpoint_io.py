@@ -296,6 +296,31 @@ class StepCheckpoint(ModelCheckpoint):
         kwargs.setdefault("enable_version_counter", False)
         super().__init__(*args, **kwargs)
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A user's mistake met mid-training (a damaged or missing image of their data set, found
+        when its batch is loaded) stops the run between two steps: `last.ckpt` then keeps the steps
+        trained since the previous checkpoint, and `ckpt_path=last` resumes there once the file is
+        fixed (docs/framework.md "What survives a fault"). One process only: a save is collective
+        across the processes of a distributed run, which the others, not failing, never join."""
+        chain, seen = [], exception
+        while seen is not None and seen not in chain:
+            chain.append(seen)
+            seen = seen.__cause__ or seen.__context__
+        if (not any(isinstance(e, UserError) for e in chain) or any(isinstance(e, CheckpointError) for e in chain)
+                or trainer.state.fn != "fit" or trainer.sanity_checking or trainer.world_size != 1
+                or self.dirpath is None or trainer.global_step == 0
+                or self._last_global_step_saved == trainer.global_step):
+            return
+        path = Path(self.dirpath) / LAST
+        try:
+            trainer.save_checkpoint(str(path))
+        except Exception as err:  # noqa: BLE001 - the user's error is the one to report
+            log.warning("could not keep the %d steps trained in %s: %s", trainer.global_step, path, err)
+            return
+        self._last_global_step_saved = trainer.global_step
+        log.warning("the run stopped at step %d; the steps trained are kept in %s: fix the cause and resume "
+                    "with the same command + ckpt_path=last", trainer.global_step, path)
+
     def _step_file_pattern(self) -> re.Pattern:
         template = self.filename or "{epoch}-{step}"
         parts = re.split(r"\{[^}]*\}", template)
