@@ -115,3 +115,30 @@ def test_progress_bar_off_with_the_default_callbacks(tmp_path, capsys):
     _, objects = train(cfg)
     assert objects["trainer"].progress_bar_callback is None
     assert "train (steps)" not in capsys.readouterr().out
+
+
+def test_prediction_pictures_of_files_with_the_same_name_do_not_overwrite_each_other(tmp_path):
+    # a COCO file's images in sub-folders ("cam1/0001.jpg", "cam2/0001.jpg") or one folder holding
+    # "x.jpg" and "x.png": one picture each, under a name that says which file it shows
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from tensormask.data.images import ImageFiles
+    from tensormask.framework.callbacks import PredictionWriter
+    from tensormask.structures import Detections
+
+    names = ["cam1/0001.jpg", "cam2/0001.jpg", "x.jpg", "x.png", "y.png"]
+    for i, name in enumerate(names):
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 10 + i, 3), 30 * i, np.uint8)).save(tmp_path / "in" / name)
+    dataset = ImageFiles([tmp_path / "in" / n for n in names])
+    writer = PredictionWriter(tmp_path / "out", dataset, [1], ["thing"])
+    writer.on_predict_start(None, None)
+    dets = [Detections.empty(8, 10 + i) for i in range(len(names))]
+    writer.write_on_batch_end(None, None, dets, None, SimpleNamespace(image_ids=list(range(len(names)))), 0, 0)
+    pictures = sorted(str(p.relative_to(tmp_path / "out" / "pictures")) for p in (tmp_path / "out").rglob("*.png"))
+    assert pictures == ["cam1/0001.png", "cam2/0001.png", "x.jpg.png", "x.png.png", "y.png"]
+    with Image.open(tmp_path / "out" / "pictures" / "cam2" / "0001.png") as picture:
+        assert picture.size == (11, 8)  # the second file's picture, not overwritten by the first

@@ -10,6 +10,7 @@ weights and the learning-rate monitor are Lightning's own (`EMAWeightAveraging`,
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -318,9 +319,26 @@ class EvaluationReport(L.Callback):
         self.logged = sorted(report)
 
 
+def picture_names(files: list[Path]) -> list[str]:
+    """The picture file of each image, relative to `pictures/` (docs/framework.md "Predict"):
+    `<name>.png` with the image's sub-folders under the folder common to all files kept
+    (`cam1/0001.jpg` -> `cam1/0001.png`), and the image's suffix kept where two files would
+    otherwise share a picture (`x.jpg`, `x.png` -> `x.jpg.png`, `x.png.png`)."""
+    files = [Path(os.path.abspath(f)) for f in files]
+    if not files:
+        return []
+    root = Path(os.path.commonpath([str(f.parent) for f in files]))
+    relative = [f.relative_to(root) for f in files]
+    short = [r.with_suffix(".png").as_posix() for r in relative]
+    counts: dict[str, int] = {}
+    for name in short:
+        counts[name] = counts.get(name, 0) + 1
+    return [name if counts[name] == 1 else f"{r.as_posix()}.png" for name, r in zip(short, relative)]
+
+
 class PredictionWriter(BasePredictionWriter):
     """Writes what `trainer.predict` yields for tensormask-predict (docs/framework.md):
-    `<output_dir>/pictures/<image name>.png` (the image with the detections scoring at least
+    `<output_dir>/pictures/<image name>.png` (named by `picture_names`; the image with the detections scoring at least
     `draw_score_threshold`), and at the end `<output_dir>/predictions.json` (COCO results, all
     scores; image_id = `dataset.image_ids`, by default the file's index in `dataset.files`) and `<output_dir>/images.json` (those
     ids' file names, the categories, and the files that could not be read, with the reason).
@@ -345,6 +363,7 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_start(self, trainer, pl_module) -> None:
         self.results, self.written, self.skipped = [], set(), []
         self.pictures.mkdir(parents=True, exist_ok=True)
+        self.picture_names = picture_names(self.dataset.files)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx) -> None:
@@ -357,7 +376,7 @@ class PredictionWriter(BasePredictionWriter):
             file = self.dataset.files[index]
             self.results += detections_to_coco_results(image_id, det, self.contiguous_to_coco)
             draw_detections(self.dataset.read(index), det, self.class_names,
-                            score_threshold=self.draw_score_threshold, path=self.pictures / f"{file.stem}.png")
+                            score_threshold=self.draw_score_threshold, path=self.pictures / self.picture_names[index])
             self.written.add(index)
             log.info("%s: %d detections >= %.2f", file.name, int((det.scores >= self.draw_score_threshold).sum()),
                      self.draw_score_threshold)
