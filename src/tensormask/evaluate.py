@@ -18,6 +18,7 @@ from tensormask import openmp
 openmp.configure()  # before torch loads OpenMP: idle threads spin briefly, then sleep
 
 import logging  # noqa: E402
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,30 @@ from tensormask.framework.validation import check_environment, validate_config
 log = logging.getLogger(__name__)
 
 
+# the command line's `data.<key>=...` that `main` gave to Hydra as `++data.<key>=...`
+_FORCED: set[str] = set()
+
+
+def force_run_data_overrides(args: list[str]) -> list[str]:
+    """`args` with each `data.<key>=<value>` made `++data.<key>=<value>` unless a `data=` is given.
+
+    Without `data=`, the data are the training run's (`merge_run_config`), e.g. data=coco's
+    `data.root` or `data.val_annotations` (a data set moved, another split), which this entry
+    point's own default data (the synthetic set) lacks: Hydra would refuse them as unknown keys
+    before the run's config is read. They are checked against the run's config instead (an
+    unknown key is an error there), and against the data module's arguments for a detectron2
+    `.pkl`, which has no run config (`validate_config`)."""
+    if any(a.split("=", 1)[0].lstrip("+~") == "data" for a in args):
+        return list(args)
+    out = []
+    for arg in args:
+        if arg.startswith("data.") and "=" in arg:
+            arg = f"++{arg}"
+            _FORCED.add(arg)
+        out.append(arg)
+    return out
+
+
 def merge_run_config(cfg: DictConfig, run_config: str | Path, overrides: list[str]) -> DictConfig:
     """`cfg` with the model (and the data, unless `overrides` choose another `data=...`) of the
     training run. Hydra composes them from the run's saved config (`run_config`, the config.yaml
@@ -51,7 +76,8 @@ def merge_run_config(cfg: DictConfig, run_config: str | Path, overrides: list[st
         if key.startswith("model/") or key == "model":
             raise UserError(f"{override}: the model of a checkpoint is the one it was trained with; only its "
                             "keys (e.g. model.score_threshold=0.3) can change at evaluation")
-    wanted = [o for o, k in keys.items() if k.startswith("model.") or (k.startswith("data.") and not other_data)]
+    wanted = [o[2:] if o in _FORCED else o for o, k in keys.items()
+              if k.startswith("model.") or (k.startswith("data.") and not other_data)]
     run_cfg = compose_saved_config(Path(run_config), wanted)
     merged = cfg.copy()
     with open_dict(merged):
@@ -131,7 +157,12 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    run_main(_hydra_main, "tensormask-eval", "eval", __doc__)
+    argv = sys.argv
+    sys.argv = [argv[0], *force_run_data_overrides(argv[1:])]
+    try:
+        run_main(_hydra_main, "tensormask-eval", "eval", __doc__)
+    finally:
+        sys.argv = argv
 
 
 if __name__ == "__main__":

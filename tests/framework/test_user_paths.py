@@ -124,6 +124,41 @@ def test_own_coco_data_trains_evaluates_and_predicts_with_the_files_ids(tmp_path
             assert ev.stats[1] == pytest.approx(metrics[task]["AP50"], abs=1e-9)
 
 
+def test_eval_takes_the_runs_data_keys_on_the_command_line(tmp_path, monkeypatch, capsys):
+    # a run trained on one's own files, evaluated on another annotation file (a test split, or the
+    # data set moved): `tensormask-eval ckpt_path=<run> data.val_annotations=...`, as in training
+    # (docs/framework.md "Evaluate"); a misspelt key is still an error naming it
+    import tensormask.evaluate as evaluate_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    paths = write_own_coco(tmp_path / "mydata", num_images=2)
+    run_dir = tmp_path / "run"
+    train(compose_config("train", [*own_data_overrides(paths), *TINY_MODEL, *TINY_RUN, "evaluate=false",
+                                   "data.global_batch_size=2", "data.num_workers=0"], run_dir))
+    test_file = tmp_path / "test.json"
+    val = json.loads(paths["val_annotations"].read_text())
+    test_file.write_text(json.dumps({**val, "images": val["images"][1:],
+                                     "annotations": [a for a in val["annotations"] if a["image_id"] != 150]}))
+    monkeypatch.setenv("TENSORMASK_OUTPUT_DIR", str(tmp_path / "outputs"))
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    for key, code in (("data.val_annotations", None), ("data.val_annotation", 2)):
+        monkeypatch.setattr(sys, "argv", ["tensormask-eval", f"ckpt_path={run_dir}", f"{key}={test_file}",
+                                          "data.num_workers=0", "model.score_threshold=0.005"])
+        GlobalHydra.instance().clear()
+        if code is None:
+            evaluate_module.main()
+        else:
+            with pytest.raises(SystemExit) as info:
+                evaluate_module.main()
+            assert info.value.code == code
+        GlobalHydra.instance().clear()
+    (metrics,) = (tmp_path / "outputs" / "eval").rglob("metrics.json")
+    (results,) = (tmp_path / "outputs" / "eval").rglob("coco_instances_results.json")
+    assert {r["image_id"] for r in json.loads(results.read_text())} == {157}  # the test file's one image
+    assert any(f"data.val_annotations={test_file}" in o for o in json.loads(metrics.read_text())["overrides"])
+    assert "unknown config key 'data.val_annotation'; did you mean 'data.val_annotations'" in capsys.readouterr().err
+
+
 def test_classes_from_the_annotation_file(tmp_path):
     paths = write_own_coco(tmp_path, num_images=1)
     cfg = compose_config("train", own_data_overrides(paths))
