@@ -51,9 +51,9 @@ class TensorMaskCriterion:
     # How the positives' masks are decoded: from the level's dense natural tensor and a gather
     # (detectron2's way), or by the heads' sparse evaluation at the positives only. Where the compiled
     # align2nat kernels run, the dense tensor costs ~1 ns per element, while the sparse evaluation (pure
-    # PyTorch) is ~100 small operations forward and as many backward whatever the number of positives:
+    # PyTorch) is hundreds of small operations forward and backward whatever the number of positives:
     # dense up to dense_max_elements (64 MB in float32; the quickstart's levels have < 1 M), which made the
-    # quickstart's training step 0.82x (docs/framework.md "Where the main job's time goes"). Otherwise
+    # quickstart's training step 0.82x (docs/framework.md "The 8-minute main job"). Otherwise
     # (larger levels, or the pure-PyTorch reference backend) the sparse evaluation, unless the positives
     # are so many that (N * H_k * W_k) / dense_decode_factor of them cost as much as the dense tensor.
     dense_max_elements = 2**24
