@@ -229,3 +229,19 @@ def test_faster_coco_eval_ground_truth_and_a_missing_backend(monkeypatch, tmp_pa
     ev.process([1], [detections([(1, 22, 15, 10, 0.9)])])
     with pytest.raises(ImportError, match=r"^backend 'faster_coco_eval' needs `pip install faster-coco-eval`$"):
         ev.evaluate()
+
+
+def test_only_the_models_classes_are_evaluated(caplog):
+    # the ground truth also annotates category 8, which is not one of the model's classes (a class
+    # chosen out with data.category_ids, or a category only the validation file uses): the model can
+    # never detect it, so it is left out of the mean over categories, with a warning naming it
+    import logging
+
+    gt = coco(gt_dict([(1, 3, 0, 0, 10, 0), (1, 8, 30, 20, 12, 0), (1, 8, 5, 30, 12, 0)]))
+    ev = COCOEvaluator(gt, [3], per_category=True)
+    ev.process([1], [detections([(0, 0, 0, 10, 0.9)])])
+    with caplog.at_level(logging.WARNING, logger="tensormask.evaluation.coco_eval"):
+        m = ev.evaluate()
+    assert m["bbox"]["AP"] == pytest.approx(1.0) and m["segm"]["AP"] == pytest.approx(1.0)
+    assert set(ev.per_category_results["bbox"]) == {"a"}
+    assert "2 annotation(s) of 'b' (id 8)" in caplog.text and "not one of the classes" in caplog.text

@@ -119,11 +119,13 @@ def run_cocoeval(
     iou_type: str,
     image_ids: Sequence[int] | None = None,
     backend: str = "pycocotools",
+    cat_ids: Sequence[int] | None = None,
 ) -> Any:
     """Evaluate, accumulate and summarise `results` against `coco_gt`; returns the COCOeval object.
 
-    `image_ids` restricts the evaluation (default: every image of `coco_gt`). The results list is
-    not modified (loadRes annotates its records in place, so it gets a copy).
+    `image_ids` restricts the evaluation (default: every image of `coco_gt`), `cat_ids` the
+    categories averaged over (default: every category of `coco_gt`). The results list is not
+    modified (loadRes annotates its records in place, so it gets a copy).
     """
     results = copy.deepcopy(results)
     if iou_type == "bbox":
@@ -136,6 +138,8 @@ def run_cocoeval(
             ev = COCOeval(gt, dt, iou_type)
             if image_ids is not None:
                 ev.params.imgIds = sorted(set(int(i) for i in image_ids))
+            if cat_ids is not None:
+                ev.params.catIds = sorted(set(int(c) for c in cat_ids))
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
@@ -152,6 +156,8 @@ def run_cocoeval(
             ev = COCOeval_faster(gt, dt, iou_type, print_function=log.debug, rle_iou_max_workers=2)
             if image_ids is not None:
                 ev.params.imgIds = sorted(set(int(i) for i in image_ids))
+            if cat_ids is not None:
+                ev.params.catIds = sorted(set(int(c) for c in cat_ids))
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
@@ -305,13 +311,15 @@ class COCOEvaluator:
             tmp.write_text(json.dumps(results))
             os.replace(tmp, path)
             log.info("wrote %d COCO results to %s", len(results), path)
+        self._warn_other_categories(image_ids)
         metrics: dict[str, dict[str, float]] = {}
         per_cat: dict[str, dict[str, float]] = {}
         for iou_type in self.iou_types:
             if iou_type == "segm" and box_only:
                 warnings.warn(f"{box_only} image(s) have detections without masks: segm evaluation skipped", stacklevel=3)
                 continue
-            ev = run_cocoeval(self.coco_gt, results, iou_type, image_ids=image_ids, backend=self.backend)
+            ev = run_cocoeval(self.coco_gt, results, iou_type, image_ids=image_ids, backend=self.backend,
+                              cat_ids=self.contiguous_to_coco)
             self.cocoevals[iou_type] = ev
             metrics[iou_type] = stats_to_metrics(ev.stats)
             if self.per_category:
@@ -320,6 +328,22 @@ class COCOEvaluator:
                 per_cat[iou_type] = {names.get(c, str(c)): ap for c, ap in by_id.items()}
                 metrics[iou_type].update({f"AP-{n}": ap for n, ap in per_cat[iou_type].items()})
         return metrics, per_cat
+
+    def _warn_other_categories(self, image_ids: Sequence[int]) -> None:
+        """Only the classes (`contiguous_to_coco`) are evaluated: the model cannot detect any other
+        category, which would count as AP 0 in the mean. Ground-truth objects of other categories
+        (a category left out with data.category_ids, or one only this file uses) are named here."""
+        classes, evaluated = set(self.contiguous_to_coco), set(image_ids)
+        others: dict[int, int] = {}
+        for ann in self.coco_gt.dataset.get("annotations", []):
+            cid = ann.get("category_id")
+            if cid not in classes and ann.get("image_id") in evaluated and not ann.get("iscrowd", 0):
+                others[cid] = others.get(cid, 0) + 1
+        if others:
+            names = ", ".join(f"{n} annotation(s) of '{self.coco_gt.cats.get(c, {}).get('name', c)}' (id {c})"
+                              for c, n in sorted(others.items()))
+            log.warning("left out of the evaluation: %s: not one of the classes (%s)", names,
+                        ", ".join(self.class_names))
 
     def per_category_table(self) -> str:
         """The per-category AP of the last `evaluate()` (needs per_category=True) as a text table."""
