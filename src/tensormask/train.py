@@ -39,7 +39,7 @@ from tensormask.framework.checkpoint_io import (
 )
 from tensormask.framework.data_config import prepare_data_config
 from tensormask.framework.entry import (
-    command_overrides, config_dir, entry_command, link_latest, metrics_table, quiet_known_warnings, run_main,
+    command_overrides, config_dir, entry_command, error_text, link_latest, metrics_table, quiet_known_warnings, run_main,
     short_user_errors, to_plain,
 )
 from tensormask.framework.loggers import RunCSVLogger, wandb_info
@@ -104,7 +104,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         summary.update(status="finished", metrics=metrics, steps=int(trainer.global_step), wandb=wandb_info(loggers))
         report = _final_report(cfg, metrics, trainer, time.monotonic() - t0, ckpt_dir, loggers, datamodule)
     except BaseException as e:
-        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
+        summary.update(status="failed", error=f"{type(e).__name__}: {error_text(e)}")
         raise
     finally:
         _finish_wandb(loggers)

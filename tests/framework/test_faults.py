@@ -296,12 +296,17 @@ def test_a_damaged_image_found_mid_run_keeps_the_steps_trained(tmp_path, monkeyp
 
     monkeypatch.setattr(CocoInstances, "__getitem__", damaged_in_batch_4)
     run_dir = tmp_path / "run"
-    cfg = _cfg(run_dir, "callbacks.model_checkpoint.every_n_train_steps=100", "data.num_workers=0")
+    # one loader worker, as users run it: the error comes back re-raised with the worker's traceback
+    cfg = _cfg(run_dir, "callbacks.model_checkpoint.every_n_train_steps=100", "data.num_workers=1")
     with pytest.raises(UserError, match="mine/train/a.png"):
         train(cfg)
     found, _ = find_resume_checkpoint(run_dir / "checkpoints")
     assert found == run_dir / "checkpoints" / "last.ckpt" and read_checkpoint(found)["global_step"] == 2
-    assert json.loads((run_dir / "run_summary.json").read_text())["status"] == "failed"
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["error"] == ("CocoFormatError: cannot decode image mine/train/a.png (image id 7 in mine/train.json): "
+                                "truncated")  # the message, not the worker's traceback
+    monkeypatch.setattr(CocoInstances, "__getitem__", original)  # the file fixed
     _, objects = train(_cfg(run_dir, "callbacks.model_checkpoint.every_n_train_steps=100", "data.num_workers=0",
-                            "ckpt_path=last"))  # the file fixed: resumed
+                            "ckpt_path=last"))
     assert f"resuming from {found} (step 2" in capsys.readouterr().out and objects["trainer"].global_step == 6

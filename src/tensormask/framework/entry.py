@@ -156,7 +156,7 @@ def _unknown_key_message(full_key: str, parent: Any) -> str:
     return text
 
 
-def _unwrap_worker_message(err: BaseException) -> str:
+def error_text(err: BaseException) -> str:
     """The message of `err`; for an error re-raised from a DataLoader worker, whose message is the
     worker's whole traceback ("Caught X in DataLoader worker process 1. Original Traceback ..."),
     the original message at its end."""
@@ -185,7 +185,7 @@ def user_error_message(err: BaseException) -> str | None:
     chain = list(_chain(err))
     for e in chain:
         if isinstance(e, UserError):
-            return _unwrap_worker_message(e)
+            return error_text(e)
     for e in chain:
         if isinstance(e, InstantiationException) and isinstance(e.__cause__, (ValueError, TypeError)):
             # a constructor refused its arguments: "Error in call to target 'X':\nValueError(...)\nfull_key: k"
