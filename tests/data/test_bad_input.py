@@ -153,3 +153,32 @@ def test_every_bad_input_error_is_a_users_mistake(coco_writer, tmp_path):
     image_dir, ann = _good(coco_writer).write()
     with pytest.raises(UserError, match=r"image folder not found: .*nothere"):
         CocoInstances(tmp_path / "nothere", ann, train=True)
+
+
+def test_skipped_segmentations_do_not_break_evaluation(coco_writer):
+    # box-only annotations as some tools export them ("segmentation": []) and short polygons: skipped
+    # for training, and the evaluation's ground truth (`dataset.coco`) holds the same cleaned data,
+    # so COCO's segm evaluation (which rasterises every ground-truth mask) does not fail on them
+    import torch
+
+    from tensormask.evaluation import COCOEvaluator
+    from tensormask.structures import Detections
+
+    _good(coco_writer)
+    coco_writer.add_ann(201, 1, 5, [], bbox=[1.0, 1.0, 4.0, 4.0])
+    coco_writer.add_ann(202, 2, 5, [[1.0, 1.0]], bbox=[1.0, 1.0, 4.0, 1.0])
+    coco_writer.add_ann(203, 2, 10, [SQUARE[0], [0.0, 0.0]], bbox=[2.0, 2.0, 10.0, 10.0])
+    coco_writer.add_ann(204, 2, 10, [], bbox=[20.0, 2.0, 5.0, 5.0], iscrowd=1)
+    image_dir, ann = coco_writer.write()
+    with pytest.warns(UserWarning):
+        ds = CocoInstances(image_dir, ann, train=False)
+    assert sorted(ds.coco.anns) == [101, 102, 203]
+    assert ds.coco.anns[203]["segmentation"] == [SQUARE[0]]
+    evaluator = COCOEvaluator(ds.coco, ds.contiguous_to_coco)
+    for i in range(len(ds)):
+        item = ds[i]
+        evaluator.process([item["image_id"]], [Detections(item["boxes"].as_subclass(torch.Tensor),
+                                                          torch.ones(len(item["labels"])), item["labels"],
+                                                          item["masks"].as_subclass(torch.Tensor).bool())])
+    metrics = evaluator.evaluate()
+    assert metrics["segm"]["AP"] == pytest.approx(1.0) and metrics["bbox"]["AP"] == pytest.approx(1.0)

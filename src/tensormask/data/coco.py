@@ -117,8 +117,10 @@ def _record_id(record: Any, kind: str, path: Path, index: int) -> int:
     return rid
 
 
-def _clean_segmentation(seg: Any, ann_id: int, path: Path, h: int, w: int, skips: _SkipCounter) -> Any | None:
-    """Validate a segmentation; return it (polygons with short parts removed) or None to drop it."""
+def _clean_segmentation(seg: Any, ann_id: int, path: Path, h: int, w: int, skips: _SkipCounter,
+                        what: str = "annotation") -> Any | None:
+    """Validate a segmentation; return it (polygons with short parts removed: a new list) or None
+    to drop the `what` (an annotation, a crowd region), from training and evaluation alike."""
     if isinstance(seg, list):
         polys, short = [], 0
         for poly in seg:
@@ -131,7 +133,7 @@ def _clean_segmentation(seg: Any, ann_id: int, path: Path, h: int, w: int, skips
                 continue
             polys.append(poly)
         if not polys:
-            skips.add("had no polygon with at least 3 points (annotation skipped)", ann_id)
+            skips.add(f"had no polygon with at least 3 points ({what} skipped)", ann_id)
             return None
         if short:
             skips.add("had a polygon with fewer than 3 points (polygon dropped)", ann_id)
@@ -226,6 +228,10 @@ class CocoInstances(torch.utils.data.Dataset):
             raise CocoFormatError(f"{path}: no images")
 
         skips = _SkipCounter(path)
+        # what evaluation's ground truth (`self.coco`) gets too: COCOeval rasterises every
+        # annotation's mask, and fails on an empty or too short polygon
+        unusable: set[int] = set()
+        cleaned_segs: dict[int, Any] = {}
         per_image: dict[int, list[dict[str, Any]]] = {iid: [] for iid in images}
         seen_ann: set[int] = set()
         for i, ann in enumerate(data["annotations"]):
@@ -249,8 +255,14 @@ class CocoInstances(torch.utils.data.Dataset):
             if seg is None:
                 raise CocoFormatError(f"{path}: annotation {aid} has no 'segmentation'")
             crowd = bool(ann.get("iscrowd", 0))
-            if crowd:
-                continue  # honoured by evaluation through `self.coco`, never a training target
+            if crowd:  # honoured by evaluation through `self.coco`, never a training target
+                if isinstance(seg, list):
+                    cleaned = _clean_segmentation(seg, aid, path, h, w, skips, what="crowd region")
+                    if cleaned is None:
+                        unusable.add(aid)
+                    elif len(cleaned) != len(seg):  # short parts dropped
+                        cleaned_segs[aid] = cleaned
+                continue
             if cid not in self.coco_to_contiguous:
                 skips.add("had a category that is not one of the classes (skipped)", aid)
                 continue
@@ -269,9 +281,13 @@ class CocoInstances(torch.utils.data.Dataset):
                 continue
             if (x0, y0, x1, y1) != (x, y, x + bw, y + bh):
                 skips.add("had a box partly outside the image (clipped)", aid)
-            seg = _clean_segmentation(seg, aid, path, h, w, skips)
-            if seg is None:
+            cleaned = _clean_segmentation(seg, aid, path, h, w, skips)
+            if cleaned is None:
+                unusable.add(aid)
                 continue
+            if isinstance(seg, list) and len(cleaned) != len(seg):  # short parts dropped
+                cleaned_segs[aid] = cleaned
+            seg = cleaned
             per_image[iid].append(
                 {"box": (x0, y0, x1, y1), "label": self.coco_to_contiguous[cid], "segmentation": seg}
             )
@@ -299,6 +315,10 @@ class CocoInstances(torch.utils.data.Dataset):
         self.image_ids: list[int] = ids
         self._images = [images[i] for i in ids]
         self._anns = [per_image[i] for i in ids]
+        if unusable or cleaned_segs:
+            data = {**data, "annotations": [
+                {**a, "segmentation": cleaned_segs[a["id"]]} if a["id"] in cleaned_segs else a
+                for a in data["annotations"] if a["id"] not in unusable]}
         self.coco = coco_from_dict(data)
 
     @property
