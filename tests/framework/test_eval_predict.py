@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from framework_helpers import DETECTING_MIN_AP, DETECTING_STEPS, assert_same_records, compose_config
+from framework_helpers import DETECTING_MIN_AP, DETECTING_STEPS, TINY_DATA, assert_same_records, compose_config
 from tensormask.evaluate import evaluate
 from tensormask.framework.checkpoint_io import strict_json
 from tensormask.predict import predict
@@ -173,3 +173,38 @@ def test_predict_sends_pictures_with_overlays_to_wandb(detecting_run, tmp_path, 
         box_data = run.json_file(boxes["predictions"]["path"])["box_data"]
         assert sorted(b["scores"]["score"] for b in box_data) == pytest.approx(sorted(r["score"] for r in mine))
         assert np.asarray(Image.open(run.file(masks["predictions"]["path"]))).any()
+
+
+def test_eval_of_weights_that_do_not_fit_the_model_names_the_file(detecting_run, tmp_path):
+    """A model.* override that changes the run's network, or a detectron2 file evaluated with another
+    model: a short error naming the checkpoint and the fix, not load_state_dict's traceback."""
+    import pickle
+
+    import numpy as np
+
+    from tensormask.errors import UserError
+    from tensormask.framework.entry import user_error_message
+
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    # the run's checkpoint with its config.yaml naming another width (as a model.* override on the
+    # command line of tensormask-eval does)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    shutil.copy(detecting_run[0] / "checkpoints" / "last.ckpt", ckpt)
+    run_cfg = OmegaConf.load(detecting_run[0] / "checkpoints" / "config.yaml")
+    run_cfg.model.backbone.out_channels = 32
+    OmegaConf.save(run_cfg, ckpt.parent / "config.yaml")
+    cfg = compose_config("eval", [f"ckpt_path={ckpt}"], tmp_path / "a")
+    with pytest.raises(UserError, match="size mismatch") as info:
+        evaluate(cfg)
+    message = user_error_message(info.value)
+    assert str(ckpt) in message and "model.*" in message and len(message.splitlines()) <= 12
+    d2 = tmp_path / "model_final.pkl"
+    d2.write_bytes(pickle.dumps({"model": {"head.cls_score.weight": np.zeros((1,), np.float32)}}))
+    cfg = compose_config("eval", [f"ckpt_path={d2}", *TINY_DATA], tmp_path / "b")
+    with pytest.raises(UserError, match="experiment=r50_1x") as info:
+        evaluate(cfg)
+    assert str(d2) in user_error_message(info.value)

@@ -273,3 +273,29 @@ def test_2019_model_zoo_layout(d2_file):
     extra = dict(old, **{"anchor_generator.something_else": np.zeros(3, np.float32)})
     with pytest.raises(CheckpointMismatch, match="anchor_generator.something_else"):
         load_detectron2_checkpoint(model, extra)
+
+
+def test_a_wrong_weights_file_is_a_user_error_naming_it(tmp_path):
+    """A file that is no checkpoint, or whose tensors do not fit, ends in a UserError (the entry points
+    print its message without a traceback) that names the file; long name lists are cut."""
+    from tensormask.errors import UserError
+    from tensormask.modeling.detectron2_import import CheckpointReadError, read_checkpoint
+
+    garbage, listed, pth = tmp_path / "garbage.pkl", tmp_path / "list.pkl", tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a pickle")
+    pth.write_bytes(b"not a torch file")
+    listed.write_bytes(pickle.dumps([1, 2]))
+    for path, why in ((garbage, "UnpicklingError"), (pth, "torch file"), (listed, "got list")):
+        with pytest.raises(CheckpointReadError, match=why) as info:
+            read_checkpoint(path)
+        assert isinstance(info.value, UserError) and str(path) in str(info.value)
+    foreign = tmp_path / "foreign.pkl"
+    foreign.write_bytes(pickle.dumps({"model": {f"extra.{i}": np.zeros(1, np.float32) for i in range(30)}}))
+    with pytest.raises(CheckpointMismatch) as info:
+        load_detectron2_checkpoint(build_detectron2_tensormask(num_classes=K), foreign)
+    assert isinstance(info.value, UserError)
+    assert str(foreign) in str(info.value) and "... and 18 more" in str(info.value)
+    mean = tmp_path / "mean.pkl"
+    mean.write_bytes(pickle.dumps({"model": {"pixel_mean": np.array([1.0, 2.0, 3.0])}}))
+    with pytest.raises(CheckpointMismatch, match="pixel_mean"):
+        load_detectron2_checkpoint(build_detectron2_tensormask(num_classes=K), mean)

@@ -107,16 +107,29 @@ def find_run_config(checkpoint: str | Path) -> Path | None:
 
 def load_model_weights(model: torch.nn.Module, checkpoint: str | Path) -> dict[str, Any]:
     """Load a Lightning checkpoint's `model.*` weights (or a detectron2 .pkl through the converter)."""
+    from tensormask.modeling.detectron2_import import CheckpointMismatch, load_detectron2_checkpoint
+
     checkpoint = str(checkpoint)
     if checkpoint.endswith(".pkl"):
-        from tensormask.modeling.detectron2_import import load_detectron2_checkpoint
-
-        report = load_detectron2_checkpoint(model, checkpoint)
+        try:
+            report = load_detectron2_checkpoint(model, checkpoint)
+        except CheckpointMismatch as e:
+            # the usual cause: the command's model is not the file's (docs/model.md, "detectron2 checkpoints")
+            raise CheckpointMismatch(f"{e}\n(a detectron2 file is loaded into the model of this command's config: "
+                                     "give the experiment it was trained with, e.g. experiment=r50_1x)") from None
         return {"source": "detectron2", "report": report}
     state = read_checkpoint(checkpoint)  # a damaged file: DamagedCheckpointError naming it
     weights = state.get("state_dict", state)
     weights = {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")} or weights
-    model.load_state_dict(weights, strict=True)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:  # names or shapes differ: a model.* override changed the run's network
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        more = f"\n  ... and {len(lines) - 8} more" if len(lines) > 8 else ""
+        raise CheckpointMismatch(
+            f"{checkpoint}: its weights do not fit the model of the config.yaml beside it and the command's "
+            "model.* keys (drop a model.* key that changes the network):\n  "
+            + "\n  ".join(lines[:8]) + more) from None
     return {"source": "lightning", "global_step": state.get("global_step"), "epoch": state.get("epoch")}
 
 

@@ -4,6 +4,7 @@ from .assignment import Assignment, assign_windows, mask_targets
 from .backbone import FrozenBatchNorm2d, ResNet, ResNetFPN
 from .detectron2_import import (
     CheckpointMismatch,
+    CheckpointReadError,
     build_detectron2_tensormask,
     load_backbone_weights,
     load_detectron2_checkpoint,
@@ -54,6 +55,7 @@ __all__ = [
     "encode_boxes",
     "decode_boxes",
     "CheckpointMismatch",
+    "CheckpointReadError",
     "build_detectron2_tensormask",
     "load_backbone_weights",
     "load_detectron2_checkpoint",

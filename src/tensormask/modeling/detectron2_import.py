@@ -32,17 +32,32 @@ import numpy as np
 import torch
 from torch import nn
 
+from tensormask.errors import UserError
+
 DETECTRON2_PIXEL_MEAN = (103.53, 116.28, 123.675)
 DETECTRON2_PIXEL_STD = (1.0, 1.0, 1.0)
 _METADATA = ("pixel_mean", "pixel_std")
 _NORM_FIELDS = {"weight": "weight", "bias": "bias", "running_mean": "running_mean", "running_var": "running_var"}
 
 
-class CheckpointMismatch(KeyError):
-    """A checkpoint does not fit the model; the message names the tensors concerned."""
+class CheckpointMismatch(UserError, KeyError):
+    """A checkpoint does not fit the model; the message names the file and the tensors concerned
+    (a user's mistake: the entry points print it without a traceback)."""
 
     def __str__(self) -> str:  # KeyError would print the repr of the message
         return str(self.args[0])
+
+
+class CheckpointReadError(UserError, ValueError):
+    """A weights file that cannot be read as a checkpoint (not a pickle / torch file, or not a dict of
+    arrays); the message names the file."""
+
+
+def _names(names: list[str], shown: int = 12) -> str:
+    """A list of tensor names for a message: the first `shown`, then how many more."""
+    names = sorted(names)
+    more = f" ... and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{names[:shown]}{more}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,23 +66,29 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """{name: tensor} from a detectron2 / Caffe2 pickle (``{"model": ...}`` or ``{"blobs": ...}``)
     or a torch file (a state dict, or ``{"model": state_dict}`` / ``{"state_dict": ...}``)."""
     path = os.fspath(path)
-    if path.endswith(".pkl"):
-        with open(path, "rb") as f:
-            data: Any = pickle.load(f, encoding="latin1")
-    else:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.endswith(".pkl"):
+            with open(path, "rb") as f:
+                data: Any = pickle.load(f, encoding="latin1")
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the file holds, the user named the wrong one
+        kind = "detectron2 / Caffe2 pickle" if path.endswith(".pkl") else "torch file"
+        raise CheckpointReadError(f"{path}: not a readable {kind} ({type(e).__name__}: {str(e).strip()[:200]})") from e
     for key in ("model", "blobs", "state_dict"):
         if isinstance(data, dict) and key in data and isinstance(data[key], dict):
             data = data[key]
             break
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
+        raise CheckpointReadError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
     out = {}
     for name, value in data.items():
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(np.ascontiguousarray(value))
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{path}: entry {name!r} is a {type(value).__name__}, not an array")
+            raise CheckpointReadError(f"{path}: entry {name!r} is a {type(value).__name__}, not an array")
         out[name] = value
     return out
 
@@ -80,14 +101,15 @@ def _assign(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> N
     if missing or unexpected:
         parts = []
         if unexpected:
-            parts.append(f"names the model does not have: {unexpected}")
+            parts.append(f"names the model does not have: {_names(unexpected)}")
         if missing:
-            parts.append(f"model tensors the file does not provide: {missing}")
+            parts.append(f"model tensors the file does not provide: {_names(missing)}")
         raise CheckpointMismatch(f"{source}: " + "; ".join(parts))
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
              if tuple(own[k].shape) != tuple(state[k].shape)]
     if wrong:
-        raise CheckpointMismatch(f"{source}: shape mismatch for {wrong}")
+        raise CheckpointMismatch(f"{source}: shape mismatch for {wrong[:12]}"
+                                 f"{f' ... and {len(wrong) - 12} more' if len(wrong) > 12 else ''}")
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 
@@ -171,9 +193,10 @@ def load_backbone_weights(resnet: nn.Module, path: str | os.PathLike) -> None:
                 continue
             state[name] = value
     if unknown:
-        raise CheckpointMismatch(f"{path}: tensors with no place in a ResNet: {sorted(unknown)}")
+        raise CheckpointMismatch(f"{path}: tensors with no place in a ResNet: {_names(unknown)}")
     if any(isinstance(m, nn.GroupNorm) for m in resnet.modules()) and any("running_mean" in k for k in state):
-        raise ValueError(f"{path} holds BatchNorm weights; build the backbone with norm='FrozenBN' or 'BN' to load it")
+        raise CheckpointReadError(f"{path} holds BatchNorm weights; build the backbone with norm='FrozenBN' or 'BN' "
+                                  "(model.backbone.norm) to load it")
     own = resnet.state_dict()
     for name in list(own):  # plain BN keeps a counter the files do not need to carry
         if name.endswith("num_batches_tracked"):
@@ -255,7 +278,7 @@ def convert_detectron2_state(d2_state: dict[str, torch.Tensor], window_sizes: tu
         except CheckpointMismatch:
             unknown.append(name)
     if unknown:
-        raise CheckpointMismatch(f"detectron2 tensors with no counterpart in this TensorMask: {sorted(unknown)}")
+        raise CheckpointMismatch(f"detectron2 tensors with no counterpart in this TensorMask: {_names(unknown)}")
     return state, meta
 
 
@@ -287,16 +310,19 @@ def load_detectron2_checkpoint(model: nn.Module, path_or_state: str | os.PathLik
                     for k, v in path_or_state.items()}
     else:
         d2_state = read_checkpoint(path_or_state)
-    state, meta = convert_detectron2_state(d2_state, tuple(model.window_sizes), tuple(model.strides))
+    source = "detectron2 checkpoint" if isinstance(path_or_state, dict) else os.fspath(path_or_state)
+    try:
+        state, meta = convert_detectron2_state(d2_state, tuple(model.window_sizes), tuple(model.strides))
+    except CheckpointMismatch as e:
+        raise CheckpointMismatch(f"{source}: {e}") from None
     for key, attr in (("pixel_mean", "pixel_mean"), ("pixel_std", "pixel_std")):
         if key in meta:
             values = tuple(float(v) for v in meta[key].flatten())
             if not np.allclose(values, getattr(model, attr)):
-                raise ValueError(f"checkpoint {key}={values} but the model expects {getattr(model, attr)}")
+                raise CheckpointMismatch(f"{source}: {key}={values} but the model expects {getattr(model, attr)}")
     own = model.state_dict()
     for name in own:
         if name.endswith("num_batches_tracked") and name not in state:
             state[name] = own[name]
-    source = "detectron2 checkpoint" if isinstance(path_or_state, dict) else os.fspath(path_or_state)
     _assign(model, state, source)
     return meta
