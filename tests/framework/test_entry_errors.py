@@ -135,3 +135,13 @@ def test_a_users_mistake_raised_in_a_loader_worker_is_one_line():
     except CocoFormatError as err:
         assert "Traceback" in str(err)
         assert user_error_message(err) == "cannot decode image /d/train/a.png (image id 7 in /d/train.json): truncated"
+
+
+def test_help_lists_every_top_level_key_lists_too():
+    """--help names each settable top-level key, list-valued ones included (export's example_size)."""
+    from tensormask.framework.entry import help_text
+
+    keys = help_text("tensormask-export", "export", None).split("top-level keys: ", 1)[1].split("\n", 1)[0]
+    assert {"ckpt_path", "example_size", "max_size", "aoti", "device"} <= set(keys.split(", ")), keys
+    keys = help_text("tensormask-train", "train", None).split("top-level keys: ", 1)[1].split("\n", 1)[0]
+    assert "tags" in keys.split(", ") and "data" not in keys.split(", "), keys

@@ -328,8 +328,8 @@ def help_text(prog: str, config_name: str, doc: str | None, overrides: list[str]
         if chosen is None:
             options.append("null*")
         lines.append(f"  {group:<{width}}{' '.join(options)}")
-    keys = [k for k in cfg.keys() if k != "hydra" and k not in choices
-            and not OmegaConf.is_config(cfg._get_node(k))]
+    keys = [k for k in cfg.keys() if k != "hydra" and k not in choices  # values and lists (example_size, tags)
+            and not OmegaConf.is_dict(cfg._get_node(k))]
     if keys:
         lines += ["", "top-level keys: " + ", ".join(str(k) for k in keys)]
     lines += ["", f"Every key of the config can be set (key=value); print the whole config with `{prog} --cfg job`.",
