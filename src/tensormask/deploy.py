@@ -183,10 +183,26 @@ class ExportedModel:
         return detections
 
 
+def _check_writable(output: Path) -> None:
+    """``--output`` names a file that can be written (its folder is made); a UserError naming it otherwise."""
+    import tempfile
+
+    if output.is_dir():
+        raise UserError(f"--output {output}: a folder; give the results file, e.g. {output / 'predictions.json'}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=".write_check"):
+            pass
+    except OSError as e:
+        raise UserError(f"--output {output}: cannot write there ({e.strerror or e})") from None
+
+
 def predict_folder(folder: str | Path, images: str | Path, output: str | Path, use_program: bool = False) -> list[dict]:
     """Run an export folder on an image file or folder; write COCO results to ``output``; return them."""
     from tensormask.evaluation import detections_to_coco_results
 
+    output = Path(output)
+    _check_writable(output)  # before any image runs: a wrong --output must not cost the predictions
     model = ExportedModel(folder, use_program=use_program)
     contiguous_to_coco = model.meta["classes"]["contiguous_to_coco"]
     results: list[dict] = []
@@ -194,8 +210,6 @@ def predict_folder(folder: str | Path, images: str | Path, output: str | Path, u
     for index, file in enumerate(files):
         (det,) = model([read_image(file)])
         results += detections_to_coco_results(index, det, contiguous_to_coco)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results))
     output.with_name(output.stem + ".images.json").write_text(json.dumps({
         "images": [{"id": i, "file_name": str(f)} for i, f in enumerate(files)],
@@ -205,7 +219,8 @@ def predict_folder(folder: str | Path, images: str | Path, output: str | Path, u
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m tensormask.deploy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("export_dir")
     parser.add_argument("images", help="an image file or a folder of images")
     parser.add_argument("--output", default="predictions.json")

@@ -2,9 +2,11 @@
 
     tensormask-export ckpt_path=outputs/train/runs/default/checkpoints/last.ckpt
     tensormask-export ckpt_path=... aoti=false            # the torch.export program only
-    python -m tensormask.deploy <run folder> photos/       # predict with it (no Hydra, no Lightning)
+    python -m tensormask.deploy outputs/export/latest photos/   # predict with it (no Hydra, no Lightning)
 
-Writes into the run folder ``program.pt2``, ``model.pt2`` and ``deploy.json`` (see tensormask.deploy).
+Writes ``program.pt2``, ``model.pt2`` and ``deploy.json`` (see tensormask.deploy) into its own folder, one
+per checkpoint and settings: outputs/export/<run>-<checkpoint>_<hash>/<settings>/ (outputs/export/latest
+points at the newest; docs/framework.md#export).
 The exported network is :class:`tensormask.deploy.InferenceNetwork` (backbone, class / box heads and
 the mask head at every level) for one image; its input height and width are dynamic (multiples of the
 model's size divisibility, over 128 px: P7 at least 2 cells; the runner pads smaller images to 160 px). The align2nat ops are not in it: inference decodes masks only at the kept windows, in
@@ -27,7 +29,7 @@ from tensormask import framework  # noqa: F401  (registers the config resolvers)
 from tensormask.deploy import DEPLOY_JSON, PACKAGE_FILE, PROGRAM_FILE, InferenceNetwork
 from tensormask.errors import UserError
 from tensormask.framework.builders import class_mapping, trained_model
-from tensormask.framework.entry import config_dir, run_main, short_user_errors
+from tensormask.framework.entry import config_dir, link_latest, run_main, short_user_errors
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ def export(cfg: DictConfig) -> dict[str, Path]:
     metadata = deploy_metadata(run_cfg, model, classes)
     paths = write_export(model, metadata, cfg.paths.output_dir, tuple(cfg.example_size), int(cfg.max_size),
                          bool(cfg.aoti), str(cfg.device))
+    link_latest(Path(cfg.paths.output_dir), Path(cfg.paths.log_dir) / str(cfg.task_name))
     print("tensormask-export:\n" + "\n".join(f"  {k + ':':<9} {v}" for k, v in paths.items()), flush=True)
     return paths
 

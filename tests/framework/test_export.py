@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +147,42 @@ def test_aoti_package_detections_match_eager(exported, tmp_path):
             assert gap.amin(1).max() < 1e-2
         agree = (got.masks.sum() + want.masks.sum()).item()
         assert agree == 0 or abs(got.masks.sum().item() - want.masks.sum().item()) / agree < 1e-3
+
+
+def test_two_checkpoints_export_into_two_folders(exported, tmp_path, monkeypatch, capsys):
+    """tensormask-export as a user runs it: one folder per checkpoint (as eval and predict), so exporting
+    a second checkpoint never overwrites the first one's export; `outputs/export/latest` is the newest."""
+    import shutil
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tensormask.export import main
+
+    run = exported[1]["program"].parent.parent
+    shutil.copy(run / "checkpoints" / "last.ckpt", run / "checkpoints" / "step0000001.ckpt")
+    monkeypatch.setenv("TENSORMASK_OUTPUT_DIR", str(tmp_path / "outputs"))
+    folders = []
+    for ckpt in (run, run / "checkpoints" / "step0000001.ckpt"):
+        monkeypatch.setattr(sys, "argv", ["tensormask-export", f"ckpt_path={ckpt}", "aoti=false",
+                                          "example_size=[256,288]"])
+        GlobalHydra.instance().clear()
+        main()
+        GlobalHydra.instance().clear()
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("deploy:"))
+        folders.append(Path(line.split(":", 1)[1].strip()).parent)
+    assert folders[0] != folders[1] and all((f / "program.pt2").is_file() for f in folders)
+    assert [json.loads((f / "deploy.json").read_text()) for f in folders][0]["layout"]
+    assert (tmp_path / "outputs" / "export" / "latest").resolve() == folders[1].resolve()
+
+
+def test_runner_refuses_an_output_it_cannot_write_before_predicting(exported, tmp_path):
+    """A folder or an unwritable place as --output: a UserError naming it before any image runs (not a
+    traceback after all the predictions)."""
+    from tensormask.deploy import predict_folder
+
+    folder = exported[1]["program"].parent
+    with pytest.raises(UserError, match="a folder; give the results file"):
+        predict_folder(folder, tmp_path / "no_images_here", tmp_path, use_program=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="cannot write there"):
+        predict_folder(folder, tmp_path / "no_images_here", tmp_path / "file" / "pred.json", use_program=True)
