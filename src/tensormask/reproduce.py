@@ -201,6 +201,18 @@ def log_to_wandb(spec: TableSpec, results: list[RowResult], cfg: DictConfig) -> 
         run.finish()
 
 
+def _check_results_dir(out: Path) -> None:
+    """`results_dir` can hold the tables (made if missing); a UserError naming it otherwise."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_check"):
+            pass
+    except OSError as e:
+        raise UserError(f"results_dir={out}: cannot write the tables there ({e.strerror or e})") from None
+
+
 def reproduce(cfg: DictConfig) -> list[RowResult]:
     """Run the chosen tables' rows (what is not finished), then collect and write every table.
 
@@ -212,6 +224,8 @@ def reproduce(cfg: DictConfig) -> list[RowResult]:
     _PLAN_FILE = plan_file(cfg)
     if _PLAN_FILE.is_file():
         _PLAN_FILE.unlink()
+    if not cfg.dry_run:  # the tables are written after every training: a wrong results_dir must stop it now
+        _check_results_dir(Path(cfg.results_dir).expanduser())
     arguments = multirun_arguments(cfg)
     log.info("tensormask-train %s", " ".join(arguments))
     run_multirun(arguments)

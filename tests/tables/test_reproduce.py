@@ -294,3 +294,15 @@ def test_cluster_jobs_ask_for_what_their_rows_train_on(tmp_path, capsys):
     assert len(groups) == 1 and groups[0].startswith("launch group of 4 run(s)")
     assert all(f"{k}=8" in groups[0] for k in ("tasks_per_node", "gpus_per_node")) and "nodes=1 " in groups[0]
     assert "SlurmLauncher" in groups[0]
+
+
+def test_a_results_dir_it_cannot_write_stops_before_any_training(tmp_path, monkeypatch):
+    """The tables are written after every training: a results_dir that cannot hold them is refused first,
+    naming it (not an OSError hours later)."""
+    from tensormask.errors import UserError
+
+    monkeypatch.setattr(rp, "run_multirun", lambda arguments: pytest.fail("trained before checking results_dir"))
+    (tmp_path / "file").write_text("x")
+    cfg = rp.compose([f"runs_dir={tmp_path / 'runs'}", f"results_dir={tmp_path / 'file' / 'results'}", "table=table1"])
+    with pytest.raises(UserError, match=r"results_dir=.*file/results: cannot write"):
+        rp.reproduce(cfg)
