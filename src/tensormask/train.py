@@ -20,7 +20,6 @@ from tensormask import openmp
 openmp.configure()  # before torch loads OpenMP: idle threads spin briefly, then sleep
 
 import logging  # noqa: E402
-import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,8 @@ from tensormask.framework.checkpoint_io import (
 )
 from tensormask.framework.data_config import prepare_data_config
 from tensormask.framework.entry import (
-    command_overrides, config_dir, entry_command, error_text, link_latest, metrics_table, quiet_known_warnings, run_main,
-    short_user_errors, to_plain,
+    command_overrides, config_dir, entry_command, error_text, link_latest, metrics_table, override_arg,
+    quiet_known_warnings, run_main, short_user_errors, to_plain,
 )
 from tensormask.framework.loggers import RunCSVLogger, wandb_info
 from tensormask.framework.pretrained import check_pretrained
@@ -175,14 +174,15 @@ def _final_report(cfg, metrics, trainer, seconds, ckpt_dir, loggers, datamodule)
         lines.append(f"  W&B (offline): wandb sync {Path(info['dir']).parent}")
     last = Path(ckpt_dir) / "last.ckpt"
     if last.is_file():
-        run = shlex.quote(str(cfg.paths.output_dir))
+        run = override_arg("ckpt_path", cfg.paths.output_dir)
         try:
-            images = datamodule.dataset_paths()["val_images"] or "<an image or a folder>"
+            images = datamodule.dataset_paths()["val_images"]
         except Exception:  # noqa: BLE001 - only a suggestion
-            images = "<an image or a folder>"
+            images = None
+        images = override_arg("input", images) if images else "input=<an image or a folder>"
         lines += [f"  checkpoint:   {last}  (resume: the same command + ckpt_path=last)", "", "next:",
-                  f"  {entry_command('eval')} ckpt_path={run}",
-                  f"  {entry_command('predict')} ckpt_path={run} input={shlex.quote(str(images))}"]
+                  f"  {entry_command('eval')} {run}",
+                  f"  {entry_command('predict')} {run} {images}"]
     if metrics:
         lines += ["", "COCO evaluation on the validation set (AP in %):", metrics_table(metrics)]
         for task in ("bbox", "segm"):

@@ -145,3 +145,36 @@ def test_help_lists_every_top_level_key_lists_too():
     assert {"ckpt_path", "example_size", "max_size", "aoti", "device"} <= set(keys.split(", ")), keys
     keys = help_text("tensormask-train", "train", None).split("top-level keys: ", 1)[1].split("\n", 1)[0]
     assert "tags" in keys.split(", ") and "data" not in keys.split(", "), keys
+
+
+@pytest.mark.parametrize("value", ["outputs/train/runs/a+b_1c9e2f", "/home/josé/données/val", "/data/my set/val",
+                                   "/d/it's/x", "/d/a,b=[c]/x"])
+def test_a_printed_override_parses_back_to_the_path_as_pasted_into_a_shell(value):
+    # the commands tensormask-train prints at the end ("next: ... ckpt_path=<run> input=<images>")
+    # must run as pasted, also for paths Hydra's grammar does not take bare (non-ASCII, spaces, quotes)
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from tensormask.framework.entry import override_arg
+
+    (arg,) = shlex.split(override_arg("input", value))
+    override = OverridesParser.create().parse_override(arg)
+    assert override.key_or_group == "input" and override.value() == value
+    if value.isascii() and value.replace("/", "").replace("+", "").replace("_", "").isalnum():
+        assert override_arg("input", value) == f"input={value}"  # plain paths stay as they are
+
+
+def test_an_unparsable_override_says_how_to_quote_it(tmp_path, monkeypatch, capsys):
+    import tensormask.train as entry
+    from hydra.core.global_hydra import GlobalHydra
+
+    monkeypatch.setenv("TENSORMASK_OUTPUT_DIR", str(tmp_path / "outputs"))
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(sys, "argv", ["tensormask-train", "data=coco", "data.root=/home/josé/data"])
+    GlobalHydra.instance().clear()
+    with pytest.raises(SystemExit):
+        entry.main()
+    GlobalHydra.instance().clear()
+    err = capsys.readouterr().err
+    assert "data.root=/home/josé/data" in err and """data.root="'/home/josé/data'\"""" in err

@@ -11,6 +11,8 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +58,23 @@ def entry_command(name: str) -> str:
     if python.is_relative_to(Path.cwd()):
         python = python.relative_to(Path.cwd())
     return f"{python} -m tensormask.{ {'eval': 'evaluate'}.get(name, name)}"
+
+
+_HYDRA_BARE = re.compile(r"[A-Za-z0-9_/.+\-]+")  # what Hydra's override grammar reads unquoted as that string
+_SHELL_SAFE = re.compile(r"[A-Za-z0-9_/.+\-=:,@%]+")
+
+
+def override_arg(key: str, value: Any) -> str:
+    """`key=value` as one shell argument that Hydra reads back as exactly `value` (a path with
+    spaces, non-ASCII letters or quotes: quoted for Hydra, then for the shell), for the commands
+    the entry points print to be pasted."""
+    text = str(value)
+    arg = f"{key}={text}" if _HYDRA_BARE.fullmatch(text) else f"{key}='" + text.replace("'", "\\'") + "'"
+    if _SHELL_SAFE.fullmatch(arg):
+        return arg
+    if not any(c in arg for c in '"$`\\!'):
+        return f'"{arg}"'
+    return shlex.quote(arg)
 
 
 def link_latest(run_dir: str | Path, task_dir: str | Path) -> Path | None:
@@ -206,7 +225,13 @@ def user_error_message(err: BaseException) -> str | None:
                 return f"{group}={option}: no such option;{hint} options of {group}: {', '.join(options)}"
             return str(e).split("\nConfig search path")[0].strip()
         if isinstance(e, OverrideParseException):
-            return f"cannot parse the override: {str(e).strip()}"
+            text = f"cannot parse the override: {str(e).strip()}"
+            override = str(getattr(e, "override", "") or "")
+            key, eq, value = override.partition("=")
+            if eq and not _HYDRA_BARE.fullmatch(value) and "'" not in value:
+                # e.g. a path with non-ASCII letters: Hydra reads it in quotes, inside the shell's
+                text += f"\n  a value with characters other than letters, digits and _ / . + - is quoted: {key}=\"'{value}'\""
+            return text
         if isinstance(e, (MissingMandatoryValue, InterpolationToMissingValueError)):
             # "Missing mandatory value: ckpt_path", also inside an interpolation (a run folder's name)
             key = str(e).rsplit("Missing mandatory value:", 1)[-1].split()[0] if "Missing mandatory value:" in str(
