@@ -74,6 +74,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     summary = RunSummary(run_dir, command_overrides(cfg), enabled=rank_zero)
     summary.update(status="running")
     loggers: list[Any] = []
+    trained_to: int | None = None  # the step training finished at, once it did
     t0 = time.monotonic()
     try:
         if cfg.get("seed") is not None:
@@ -95,6 +96,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if cfg.get("train", True):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             save_final_checkpoint(trainer)
+            trained_to = int(trainer.global_step)
         metrics: dict[str, Any] = {}
         if cfg.get("evaluate", True):
             trainer.validate(module, datamodule=datamodule, ckpt_path=None if cfg.get("train", True) else ckpt_path,
@@ -104,6 +106,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         report = _final_report(cfg, metrics, trainer, time.monotonic() - t0, ckpt_dir, loggers, datamodule)
     except BaseException as e:
         summary.update(status="failed", error=f"{type(e).__name__}: {error_text(e)}")
+        last = ckpt_dir / "last.ckpt"
+        if trained_to is not None and rank_zero and last.is_file() and not isinstance(e, KeyboardInterrupt):
+            # the training is done and kept: running the same command again would start it afresh
+            log.warning("training finished (%d steps, %s); the evaluation after it failed: fix the cause, then "
+                        "evaluate the run with %s %s", trained_to, last, entry_command("eval"),
+                        override_arg("ckpt_path", run_dir))
         raise
     finally:
         _finish_wandb(loggers)

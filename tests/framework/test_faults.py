@@ -310,3 +310,26 @@ def test_a_damaged_image_found_mid_run_keeps_the_steps_trained(tmp_path, monkeyp
     _, objects = train(_cfg(run_dir, "callbacks.model_checkpoint.every_n_train_steps=100", "data.num_workers=0",
                             "ckpt_path=last"))
     assert f"resuming from {found} (step 2" in capsys.readouterr().out and objects["trainer"].global_step == 6
+
+
+def test_an_evaluation_failing_after_training_says_the_training_is_kept(tmp_path, monkeypatch, caplog):
+    # a damaged validation image of one's own data, met by the evaluation after training: the
+    # trained run is kept and the warning says to evaluate it (the same train command again would
+    # start afresh and replace its checkpoints)
+    from tensormask.data.coco import CocoFormatError, CocoInstances
+
+    original = CocoInstances.__getitem__
+
+    def damaged_validation_image(self, index):
+        if not self.train:
+            raise CocoFormatError("cannot decode image mine/val/b.png (image id 9 in mine/val.json): truncated")
+        return original(self, index)
+
+    monkeypatch.setattr(CocoInstances, "__getitem__", damaged_validation_image)
+    run_dir = tmp_path / "run"
+    cfg = tiny_train_config(run_dir, "data.num_workers=0")
+    with caplog.at_level(logging.WARNING, logger="tensormask.train"), pytest.raises(UserError, match="mine/val/b.png"):
+        train(cfg)
+    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2
+    assert f"training finished (2 steps, {run_dir / 'checkpoints' / 'last.ckpt'})" in caplog.text
+    assert f"tensormask.evaluate ckpt_path={run_dir}" in caplog.text
