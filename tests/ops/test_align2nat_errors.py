@@ -141,3 +141,27 @@ def test_module_reprs():
         "Align2Nat(in_cells=(2, 3), out_cells=(4, 4), unit_hw=2, unit_vu=1, aligned_unit_hw=1, aligned_unit_vu=0.5, "
         "pad_val=-6, mode='bilinear')"
     )
+
+
+def test_numpy_and_tensor_integers_are_integers():
+    """lambda and cell counts taken from NumPy or a 0-d integer tensor (np.arange, a config array) are
+    integers like Python ints: the same result, not "must be an integer"; bools stay refused."""
+    import numpy as np
+
+    x = torch.randn(1, 9, 6, 8)
+    want = swap_align2nat(x, 2)
+    for lam in (np.int64(2), np.int32(2), torch.tensor(2)):
+        assert torch.equal(swap_align2nat(x, lam), want)
+        assert torch.equal(SwapAlign2Nat(lam)(x), want)
+        assert torch.equal(swap_align2nat_at(x, lam, torch.tensor([0]), torch.tensor([1]), torch.tensor([2])),
+                           swap_align2nat_at(x, 2, torch.tensor([0]), torch.tensor([1]), torch.tensor([2])))
+    assert torch.equal(up_align2nat(x, 2, np.int64(6)), up_align2nat(x, 2, 6))
+    assert torch.equal(up_align2nat(x, 2, (np.int64(6), torch.tensor(6))), up_align2nat(x, 2, 6))
+    general = dict(in_cells=(3, 3), out_cells=(6, 6), unit_hw=2.0, unit_vu=1.0, aligned_unit_hw=1.0, aligned_unit_vu=2.0)
+    assert torch.equal(align2nat(x, **{**general, "in_cells": np.int64(3), "out_cells": [np.int16(6), 6]}),
+                       align2nat(x, **general))
+    for bad in (True, np.True_, torch.tensor(True), 2.0, np.float64(2.0)):
+        with pytest.raises(ValueError, match="lambda_val must be an integer >= 1"):
+            swap_align2nat(x, bad)
+    with pytest.raises(ValueError, match="in_cells must be"):
+        align2nat(x, **{**general, "in_cells": np.True_})

@@ -19,6 +19,7 @@ arithmetic, written so that `swap_align2nat` reproduces detectron2's numbers exa
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -64,16 +65,28 @@ def _ceil_div_float(size: int, ratio: float, units=(1.0, 1.0, 1.0, 1.0)) -> int:
     return max(0, math.ceil(value - 1e-9 * max(1.0, abs(value))))
 
 
+def _integer(value) -> int | None:
+    """An integer argument as a Python int: int, a NumPy integer or an integer 0-d tensor (anything with
+    ``__index__``); None for anything else, bools included."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _pair(name: str, value) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
+    if _integer(value) is not None:
         value = (value, value)
     try:
         a, b = value
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be an int or a pair of ints (V, U), got {value!r}") from None
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in (a, b)) or a < 1 or b < 1:
+    a, b = _integer(a), _integer(b)
+    if a is None or b is None or a < 1 or b < 1:
         raise ValueError(f"{name} must be positive integers (V, U), got {value!r}")
-    return int(a), int(b)
+    return a, b
 
 
 def _positive(name: str, value) -> float:
@@ -103,9 +116,10 @@ def check_input(x: torch.Tensor, name: str = "x") -> None:
 
 def check_lambda(lambda_val, integer: bool) -> float:
     if integer:
-        if isinstance(lambda_val, bool) or not isinstance(lambda_val, int) or lambda_val < 1:
+        value = _integer(lambda_val)
+        if value is None or value < 1:
             raise ValueError(f"lambda_val must be an integer >= 1, got {lambda_val!r}")
-        return float(lambda_val)
+        return float(value)
     value = _positive("lambda_val", lambda_val)
     if value < 1.0:
         raise ValueError(f"lambda_val must be >= 1, got {lambda_val!r}")
