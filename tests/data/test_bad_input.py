@@ -182,3 +182,28 @@ def test_skipped_segmentations_do_not_break_evaluation(coco_writer):
                                                           item["masks"].as_subclass(torch.Tensor).bool())])
     metrics = evaluator.evaluate()
     assert metrics["segm"]["AP"] == pytest.approx(1.0) and metrics["bbox"]["AP"] == pytest.approx(1.0)
+
+
+def test_annotations_without_area_or_iscrowd_are_evaluated(coco_writer):
+    # files from tools that leave out COCO's "area" and "iscrowd" (which COCOeval reads for every
+    # ground-truth object): the evaluation's ground truth gets the mask's area and iscrowd 0
+    import torch
+
+    from tensormask.evaluation import COCOEvaluator
+    from tensormask.structures import Detections
+
+    _good(coco_writer)
+    coco_writer.add_ann(201, 2, 10, {"size": [20, 30], "counts": [22, 4, 16, 4, 16, 4, 534]}, bbox=[1.0, 2.0, 3.0, 4.0])
+    for a in coco_writer.data["annotations"]:
+        del a["area"], a["iscrowd"]
+    image_dir, ann = coco_writer.write()
+    ds = CocoInstances(image_dir, ann, train=False)
+    assert ds.coco.anns[101]["area"] == 100.0 and ds.coco.anns[201]["area"] == 12.0
+    assert all(a["iscrowd"] == 0 for a in ds.coco.anns.values())
+    evaluator = COCOEvaluator(ds.coco, ds.contiguous_to_coco)
+    for i in range(len(ds)):
+        item = ds[i]
+        evaluator.process([item["image_id"]], [Detections(item["boxes"].as_subclass(torch.Tensor),
+                                                          torch.ones(len(item["labels"])), item["labels"],
+                                                          item["masks"].as_subclass(torch.Tensor).bool())])
+    assert evaluator.evaluate()["segm"]["AP"] == pytest.approx(1.0)

@@ -149,6 +149,40 @@ def _clean_segmentation(seg: Any, ann_id: int, path: Path, h: int, w: int, skips
     raise CocoFormatError(f"{path}: annotation {ann_id}: segmentation must be a polygon list or an RLE dict")
 
 
+def _mask_area(seg: Any, h: int, w: int) -> float:
+    """The pixel area of a (validated) COCO segmentation: polygons, uncompressed or compressed RLE."""
+    if isinstance(seg, list):
+        rle = mask_util.merge(mask_util.frPyObjects(seg, h, w))
+    elif isinstance(seg["counts"], list):
+        rle = mask_util.frPyObjects(seg, h, w)
+    else:
+        counts = seg["counts"]
+        rle = {"size": seg["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return float(mask_util.area(rle))
+
+
+def _evaluation_ground_truth(data: dict[str, Any], images: dict[int, dict[str, Any]], unusable: set[int],
+                             cleaned_segs: dict[int, Any]) -> dict[str, Any]:
+    """`data` as COCOeval can read every annotation of it: without the annotations left with no
+    usable polygon, with the short parts of polygons dropped (as in training), and with COCO's
+    "iscrowd" (0) and "area" (the mask's) where the file leaves them out (COCOeval reads both)."""
+    anns = data["annotations"]
+    if not unusable and not cleaned_segs and all("area" in a and "iscrowd" in a for a in anns):
+        return data
+    out = []
+    for a in anns:
+        if a["id"] in unusable:
+            continue
+        if a["id"] in cleaned_segs or "area" not in a or "iscrowd" not in a:
+            a = {**a, "segmentation": cleaned_segs.get(a["id"], a["segmentation"])}
+            a.setdefault("iscrowd", 0)
+            if "area" not in a:
+                image = images[a["image_id"]]
+                a["area"] = _mask_area(a["segmentation"], int(image["height"]), int(image["width"]))
+        out.append(a)
+    return {**data, "annotations": out}
+
+
 class CocoInstances(torch.utils.data.Dataset):
     """COCO instances (boxes, masks, classes) of one split.
 
@@ -315,11 +349,7 @@ class CocoInstances(torch.utils.data.Dataset):
         self.image_ids: list[int] = ids
         self._images = [images[i] for i in ids]
         self._anns = [per_image[i] for i in ids]
-        if unusable or cleaned_segs:
-            data = {**data, "annotations": [
-                {**a, "segmentation": cleaned_segs[a["id"]]} if a["id"] in cleaned_segs else a
-                for a in data["annotations"] if a["id"] not in unusable]}
-        self.coco = coco_from_dict(data)
+        self.coco = coco_from_dict(_evaluation_ground_truth(data, images, unusable, cleaned_segs))
 
     @property
     def num_classes(self) -> int:
