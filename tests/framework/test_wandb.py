@@ -209,3 +209,22 @@ def test_prediction_pictures_go_to_wandb_with_overlays(tmp_path, monkeypatch):
     (picture,) = fallback._pictures
     with Image.open(run.file(run.last("predict/from_input/filenames")[0])) as im:  # a single image: no padding
         assert (im.height, im.width) == tuple(picture["detections"].masks.shape[-2:])
+
+
+def test_online_without_an_api_key_is_a_short_error(tmp_path, monkeypatch):
+    """logger.wandb.mode=online on a machine without a W&B key: wandb.init's UsageError is a user's
+    mistake, printed as one message naming the key and the fix (it was a traceback)."""
+    import wandb
+
+    from tensormask.framework.entry import user_error_message
+
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    with pytest.raises(Exception) as info:
+        wandb.init(mode="online", dir=str(tmp_path), project="tensormask")
+    message = user_error_message(info.value)
+    assert message is not None and "logger.wandb.mode=online" in message and "wandb login" in message
+    assert user_error_message(RuntimeError("a bug")) is None

@@ -206,6 +206,11 @@ def user_error_message(err: BaseException) -> str | None:
         if isinstance(e, UserError):
             return error_text(e)
     for e in chain:
+        if type(e).__module__.startswith("wandb") and type(e).__name__ in ("UsageError", "AuthenticationError"):
+            # W&B online without an API key (or a wrong one): wandb.init raises before any step is trained
+            return (f"W&B: {str(e).strip()} (logger.wandb.mode=online needs an API key: `wandb login` or "
+                    "WANDB_API_KEY; logger.wandb.mode=offline logs without one, `wandb sync` uploads later)")
+    for e in chain:
         if isinstance(e, InstantiationException) and isinstance(e.__cause__, (ValueError, TypeError)):
             # a constructor refused its arguments: "Error in call to target 'X':\nValueError(...)\nfull_key: k"
             text = str(e)
