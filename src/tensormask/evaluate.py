@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tensormask import framework  # noqa: F401  (registers the config resolvers)
 from tensormask.errors import MissingFileError, UserError
@@ -32,7 +32,7 @@ from tensormask.framework.builders import (
     build_datamodule, build_model, build_module, build_trainer, find_run_config, instantiate_list, load_model_weights,
 )
 from tensormask.framework.checkpoint_io import atomic_write_json, checkpoint_file
-from tensormask.framework.data_config import prepare_data_config
+from tensormask.framework.data_config import PATH_KEYS, prepare_data_config
 from tensormask.framework.entry import (
     command_overrides, config_dir, link_latest, metrics_table, quiet_known_warnings, run_main, short_user_errors,
 )
@@ -79,6 +79,9 @@ def merge_run_config(cfg: DictConfig, run_config: str | Path, overrides: list[st
     wanted = [o[2:] if o in _FORCED else o for o, k in keys.items()
               if k.startswith("model.") or (k.startswith("data.") and not other_data)]
     run_cfg = compose_saved_config(Path(run_config), wanted)
+    if not other_data and "data.root" in keys.values() and run_cfg.get("data") is not None:
+        _move_data_paths(run_cfg.data, OmegaConf.load(run_config).get("data", {}).get("root"),
+                         {k for k in keys.values() if k.startswith("data.")})
     merged = cfg.copy()
     with open_dict(merged):
         merged.model = run_cfg.model
@@ -87,6 +90,22 @@ def merge_run_config(cfg: DictConfig, run_config: str | Path, overrides: list[st
         if not other_data:
             merged.data = run_cfg.data
     return merged
+
+
+def _move_data_paths(data: DictConfig, trained_root: Any, given: set[str]) -> None:
+    """`data.root=<new folder>` for a run trained under another root (the data set moved): the
+    saved config holds the resolved paths, so each image folder and annotation file under the run's
+    root is moved under the new one (in place), unless the command line gives it itself."""
+    if not trained_root:
+        return
+    old, new = str(trained_root).rstrip("/"), str(data.root).rstrip("/")
+    for key in PATH_KEYS:
+        value = data.get(key)
+        if f"data.{key}" in given or value is None:
+            continue
+        value = str(value)
+        if value == old or value.startswith(old + "/"):
+            data[key] = new + value[len(old):]
 
 
 def compose_saved_config(path: Path, overrides: list[str]) -> DictConfig:

@@ -133,8 +133,9 @@ def test_eval_takes_the_runs_data_keys_on_the_command_line(tmp_path, monkeypatch
 
     paths = write_own_coco(tmp_path / "mydata", num_images=2)
     run_dir = tmp_path / "run"
-    train(compose_config("train", [*own_data_overrides(paths), *TINY_MODEL, *TINY_RUN, "evaluate=false",
-                                   "data.global_batch_size=2", "data.num_workers=0"], run_dir))
+    train(compose_config("train", [*own_data_overrides(paths), f"data.root={tmp_path / 'mydata'}", *TINY_MODEL,
+                                   *TINY_RUN, "evaluate=false", "data.global_batch_size=2", "data.num_workers=0"],
+                         run_dir))
     test_file = tmp_path / "test.json"
     val = json.loads(paths["val_annotations"].read_text())
     test_file.write_text(json.dumps({**val, "images": val["images"][1:],
@@ -153,10 +154,26 @@ def test_eval_takes_the_runs_data_keys_on_the_command_line(tmp_path, monkeypatch
             assert info.value.code == code
         GlobalHydra.instance().clear()
     (metrics,) = (tmp_path / "outputs" / "eval").rglob("metrics.json")
-    (results,) = (tmp_path / "outputs" / "eval").rglob("coco_instances_results.json")
-    assert {r["image_id"] for r in json.loads(results.read_text())} == {157}  # the test file's one image
+    (first_results,) = (tmp_path / "outputs" / "eval").rglob("coco_instances_results.json")
+    assert {r["image_id"] for r in json.loads(first_results.read_text())} == {157}  # the test file's one image
     assert any(f"data.val_annotations={test_file}" in o for o in json.loads(metrics.read_text())["overrides"])
     assert "unknown config key 'data.val_annotation'; did you mean 'data.val_annotations'" in capsys.readouterr().err
+
+    # the data set moved: data.root=<its new folder> moves the run's paths under it
+    import shutil
+
+    shutil.copytree(tmp_path / "mydata", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "mydata")
+    moved_val = tmp_path / "moved" / "val.json"
+    val["images"] = [{**i, "file_name": Path(i["file_name"]).name} for i in val["images"]]
+    moved_val.write_text(json.dumps(val))
+    monkeypatch.setattr(sys, "argv", ["tensormask-eval", f"ckpt_path={run_dir}", f"data.root={tmp_path / 'moved'}",
+                                      "data.num_workers=0", "model.score_threshold=0.005"])
+    GlobalHydra.instance().clear()
+    evaluate_module.main()
+    GlobalHydra.instance().clear()
+    (results,) = set((tmp_path / "outputs" / "eval").rglob("coco_instances_results.json")) - {first_results}
+    assert {r["image_id"] for r in json.loads(results.read_text())} == {150, 157}
 
 
 def test_classes_from_the_annotation_file(tmp_path):
