@@ -184,10 +184,13 @@ def _final_report(cfg, metrics, trainer, seconds, ckpt_dir, loggers, datamodule)
     if last.is_file():
         run = override_arg("ckpt_path", cfg.paths.output_dir)
         try:
-            images = datamodule.dataset_paths()["val_images"]
+            paths = datamodule.dataset_paths()
         except Exception:  # noqa: BLE001 - only a suggestion
-            images = None
-        images = override_arg("input", images) if images else "input=<an image or a folder>"
+            paths = {}
+        images = override_arg("input", paths["val_images"]) if paths.get("val_images") else "input=<an image or a folder>"
+        if paths.get("val_images") and paths.get("val_annotations") and cfg.data.get("synthetic") is None:
+            # one's own COCO files: their image ids, also for images in sub-folders (docs/data.md)
+            images += " " + override_arg("annotations", paths["val_annotations"])
         lines += [f"  checkpoint:   {last}  (resume: the same command + ckpt_path=last)", "", "next:",
                   f"  {entry_command('eval')} {run}",
                   f"  {entry_command('predict')} {run} {images}"]

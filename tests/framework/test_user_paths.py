@@ -82,7 +82,7 @@ def own_data_overrides(paths: dict[str, Path], size: int = 64) -> list[str]:
     return ["data=coco", *(f"data.{k}={v}" for k, v in paths.items()), f"data.min_size={size}", f"data.max_size={size}"]
 
 
-def test_own_coco_data_trains_evaluates_and_predicts_with_the_files_ids(tmp_path, caplog):
+def test_own_coco_data_trains_evaluates_and_predicts_with_the_files_ids(tmp_path, caplog, capsys):
     paths = write_own_coco(tmp_path / "mydata")
     run_dir = tmp_path / "run"
     # a score threshold under the untrained prior (0.01), so that the 2-step model detects something
@@ -99,6 +99,9 @@ def test_own_coco_data_trains_evaluates_and_predicts_with_the_files_ids(tmp_path
     assert dm.train_dataset.image_ids == [100, 107, 114, 121]
     assert dm.test_transforms == {"min_size": 64, "max_size": 64}
     assert set(metrics) == {"bbox", "segm"}
+    # the predict command printed at the end names the annotation file too: the file's image ids
+    (command,) = [line for line in capsys.readouterr().out.splitlines() if "tensormask.predict" in line]
+    assert command.endswith(f"input={paths['val_images']} annotations={paths['val_annotations']}")
 
     # predict on the val images given their annotation file: its image ids; COCOeval takes the JSON
     out = tmp_path / "predict"
