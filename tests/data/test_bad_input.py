@@ -207,3 +207,15 @@ def test_annotations_without_area_or_iscrowd_are_evaluated(coco_writer):
                                                           torch.ones(len(item["labels"])), item["labels"],
                                                           item["masks"].as_subclass(torch.Tensor).bool())])
     assert evaluator.evaluate()["segm"]["AP"] == pytest.approx(1.0)
+
+
+def test_missing_files_named_with_windows_separators_say_so(coco_writer):
+    # an annotation tool run on Windows writes "sub\\a.png": on Linux no such file, and the error says why
+    _good(coco_writer)
+    (coco_writer.image_dir / "sub").mkdir()
+    (coco_writer.image_dir / "000002.png").rename(coco_writer.image_dir / "sub" / "000002.png")
+    coco_writer.data["images"][1]["file_name"] = "sub\\000002.png"
+    image_dir, ann = coco_writer.write()
+    with pytest.raises(UserError, match=r"1 image file\(s\) missing.*1 file_name\(s\) use Windows' '\\' between "
+                                        r"folders: write them with '/'"):
+        CocoInstances(image_dir, ann, train=True)

@@ -342,8 +342,11 @@ class CocoInstances(torch.utils.data.Dataset):
         if check_files:
             missing = [images[i]["file_name"] for i in ids if not (self.image_dir / images[i]["file_name"]).is_file()]
             if missing:
+                windows = [m for m in missing if "\\" in str(m)]
                 raise MissingFileError(
                     f"{path}: {len(missing)} image file(s) missing under {self.image_dir}, e.g. {missing[:5]}"
+                    + (f"; {len(windows)} file_name(s) use Windows' '\\' between folders: write them with '/'"
+                       if windows else "")
                 )
 
         self.image_ids: list[int] = ids
