@@ -44,8 +44,11 @@ def export_program(model: torch.nn.Module, example_size: tuple[int, int], max_si
     if h % d or w % d or min(h, w) <= max(model.strides):
         raise UserError(f"example_size={list(example_size)}: must be multiples of the size divisibility {d} "
                         f"and over {max(model.strides)} px (P7 at least 2 cells)")
-    images = torch.zeros(1, 3, h, w, device=device)
     lo = max(model.strides) // d + 1
+    if int(max_size) // d < max(lo, h // d, w // d):
+        raise UserError(f"max_size={max_size}: must be at least the example_size {list(example_size)} and over "
+                        f"{max(model.strides)} px ({max(lo * d, h, w)} or more)")
+    images = torch.zeros(1, 3, h, w, device=device)
     shapes = {"images": {2: torch.export.Dim("rows", min=lo, max=max_size // d) * d,
                          3: torch.export.Dim("cols", min=lo, max=max_size // d) * d}}
     with torch.no_grad():
@@ -100,6 +103,12 @@ def export(cfg: DictConfig) -> dict[str, Path]:
         raise UserError(f"{ckpt}: model {run_cfg.model.get('_target_')} is not a TensorMask; only TensorMask "
                         "models are exported")
     metadata = deploy_metadata(run_cfg, model, classes)
+    pre = metadata["preprocess"]
+    largest = -(-max(pre["max_size"], pre["min_size"]) // pre["size_divisibility"]) * pre["size_divisibility"]
+    if int(cfg.max_size) < largest:  # the runner resizes as the run's evaluation: such images would not run
+        raise UserError(f"max_size={cfg.max_size}: below the largest image the run's test resize makes "
+                        f"(data.test_transforms.max_size={pre['max_size']}: up to {largest} px padded); "
+                        f"give max_size={largest} or more")
     paths = write_export(model, metadata, cfg.paths.output_dir, tuple(cfg.example_size), int(cfg.max_size),
                          bool(cfg.aoti), str(cfg.device))
     link_latest(Path(cfg.paths.output_dir), Path(cfg.paths.log_dir) / str(cfg.task_name))

@@ -112,6 +112,10 @@ def test_runner_predicts_on_a_folder_without_hydra_or_lightning(exported, tmp_pa
 def test_export_errors_name_the_culprit(tmp_path, exported):
     with pytest.raises(UserError, match="nope.ckpt"):
         export(compose_config("export", [f"ckpt_path={tmp_path / 'nope.ckpt'}"], tmp_path))
+    run = exported[1]["program"].parent.parent  # test resize up to 224 px
+    with pytest.raises(UserError, match=r"max_size=192: below .*max_size=224: up to 224 px"):
+        export(compose_config("export", [f"ckpt_path={run}", "example_size=[160,160]", "max_size=192", "aoti=false"],
+                              tmp_path / "small"))
     with pytest.raises(UserError, match="not an export folder"):
         ExportedModel(tmp_path)
     with pytest.raises(UserError, match="model.pt2: missing"):
@@ -121,6 +125,10 @@ def test_export_errors_name_the_culprit(tmp_path, exported):
         from tensormask.export import export_program
 
         export_program(model, (100, 256))
+    with pytest.raises(UserError, match=r"max_size=256: must be at least the example_size \[512, 512\]"):
+        export_program(model, (512, 512), max_size=256)
+    with pytest.raises(UserError, match="max_size=100: .* over 128 px"):
+        export_program(model, (160, 160), max_size=100)
     assert InferenceNetwork(model).layout() == {"num_levels": 6, "num_windows": 2, "box_head": 1, "mask_head": 1}
 
 
