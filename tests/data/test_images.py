@@ -146,3 +146,22 @@ def test_dataset_reads_an_exif_rotated_jpeg_at_its_json_size(coco_writer):
     (coco_writer.image_dir / "000001.jpg").rename(coco_writer.image_dir / "000001.png")
     image_dir, ann = coco_writer.write()
     assert CocoInstances(image_dir, ann, train=False)[0]["image"].shape == (3, 16, 40)
+
+
+def test_a_folder_of_sub_folders_says_where_its_images_are(tmp_path, caplog):
+    # a COCO data set's image folder with its images in sub-folders: predict's input= reads one
+    # folder, so it names the images it does not read instead of ignoring them silently
+    import logging
+
+    from tensormask.data.images import list_images
+    from tensormask.errors import MissingFileError
+
+    (tmp_path / "cam1").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "cam1" / "a.png")
+    with pytest.raises(MissingFileError, match=r"no images .* in this folder; 1 image\(s\) in its sub-folders are not "
+                                               r"read \(give a sub-folder, or a COCO file's images with annotations="):
+        list_images(tmp_path)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "b.png")
+    with caplog.at_level(logging.WARNING, logger="tensormask.data.images"):
+        assert list_images(tmp_path) == [tmp_path / "b.png"]
+    assert "1 image(s) in its sub-folders are not read" in caplog.text

@@ -40,10 +40,23 @@ def list_images(path: str | Path, key: str = "input") -> list[Path]:
         return [path]
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        nested = sum(_count_images(sub) for sub in path.iterdir() if sub.is_dir())  # a COCO file's sub-folders
+        where = (f"{nested} image(s) in its sub-folders are not read (give a sub-folder, or a COCO file's "
+                 "images with annotations=<file>)") if nested else ""
         if not files:
-            raise MissingFileError(f"{key}={path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            raise MissingFileError(f"{key}={path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder"
+                                   + (f"; {where}" if where else ""))
+        if where:
+            log.warning("%s=%s: %s", key, path, where)
         return files
     raise MissingFileError(f"{key}={path}: no such file or folder")
+
+
+def _count_images(folder: Path) -> int:
+    try:
+        return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError:  # an unreadable folder: none counted
+        return 0
 
 
 class ImageReadError(UserError):
