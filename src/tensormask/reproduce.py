@@ -42,7 +42,7 @@ from tensormask.tables import (
 )
 from tensormask.tables.collect import collect_seeds
 from tensormask.tables.format import wandb_comparisons
-from tensormask.tables.plan import resolve_tables
+from tensormask.tables.plan import flag, name_list, resolve_tables, seed_list
 
 log = logging.getLogger("tensormask.reproduce")
 
@@ -213,12 +213,28 @@ def _check_results_dir(out: Path) -> None:
         raise UserError(f"results_dir={out}: cannot write the tables there ({e.strerror or e})") from None
 
 
+def _check_options(cfg: DictConfig) -> None:
+    """Refuse a flag that is not true/false and seeds that are not seeds, naming them, before anything runs;
+    a single name for a list option (``rows=natural``, ``"train_overrides=trainer=gpu"``) is a list of one."""
+    from omegaconf import open_dict
+
+    for key in ("dry_run", "collect_only", "force", "print_config"):
+        flag(key, cfg.get(key, False))
+    seed_list(OmegaConf.to_container(cfg.seeds) if OmegaConf.is_list(cfg.seeds) else cfg.seeds)
+    with open_dict(cfg):
+        for key in ("rows", "train_overrides", "launcher_overrides"):
+            value = cfg.get(key)
+            names = name_list(key, OmegaConf.to_container(value) if OmegaConf.is_list(value) else value)
+            cfg[key] = names if key == "rows" else (names or [])
+
+
 def reproduce(cfg: DictConfig) -> list[RowResult]:
     """Run the chosen tables' rows (what is not finished), then collect and write every table.
 
     Returns the rows of every table, in order (nothing with ``dry_run=true``, which prints the plan).
     """
     global _PLAN_FILE
+    _check_options(cfg)
     tables = tables_of(cfg)
     specs = [load_table(t, _sweeps_dir(cfg)) for t in tables]
     _PLAN_FILE = plan_file(cfg)

@@ -306,3 +306,38 @@ def test_a_results_dir_it_cannot_write_stops_before_any_training(tmp_path, monke
     cfg = rp.compose([f"runs_dir={tmp_path / 'runs'}", f"results_dir={tmp_path / 'file' / 'results'}", "table=table1"])
     with pytest.raises(UserError, match=r"results_dir=.*file/results: cannot write"):
         rp.reproduce(cfg)
+
+
+def test_options_a_user_mistypes_are_refused_or_read_as_meant(tmp_path, monkeypatch, capsys):
+    """force=no (the string "no", truthy to Python) would retrain every finished run from scratch: flags
+    must be true/false, seeds numbers, before anything runs; rows=natural (one name) is a list of one."""
+    from tensormask.errors import UserError
+
+    monkeypatch.setattr(rp, "run_multirun", lambda arguments: pytest.fail("ran despite a bad option"))
+    for bad, named in (("force=no", "force='no': must be true or false"),
+                       ("dry_run=maybe", "dry_run='maybe': must be true or false"),
+                       ("collect_only=1", "collect_only=1: must be true or false"),
+                       ("seeds=abc", "seeds='abc': give a number of seeds"),
+                       ("seeds=[0,x]", "seeds=[0, 'x']")):
+        with pytest.raises(UserError) as info:
+            rp.reproduce(compose(tmp_path, "table=table1", bad))
+        assert named in str(info.value)
+    assert rp.main([f"runs_dir={tmp_path / 'runs'}", "table=table1", "force=no"]) == 2
+    assert "force='no'" in capsys.readouterr().err
+    monkeypatch.setattr(rp, "run_multirun", lambda arguments: None)
+    cfg = compose(tmp_path, "table=table1", "rows=natural", "dry_run=true", "train_overrides='trainer.max_steps=3'")
+    rp.reproduce(cfg)
+    assert list(cfg.rows) == ["natural"] and list(cfg.train_overrides) == ["trainer.max_steps=3"]
+    args = rp.multirun_arguments(cfg)
+    assert "hydra.sweeper.rows=['natural']" in args and args[-1] == "trainer.max_steps=3"
+
+
+def test_the_sweeper_refuses_a_flag_that_is_not_a_bool_and_takes_one_row_name():
+    from hydra_plugins.tensormask_rows.rows_sweeper import RowsSweeper
+
+    from tensormask.errors import UserError
+
+    assert RowsSweeper(table="table1", rows="natural").rows == ["natural"]
+    for key in ("force", "dry_run"):
+        with pytest.raises(UserError, match=f"{key}='no': must be true or false"):
+            RowsSweeper(table="table1", **{key: "no"})

@@ -54,11 +54,13 @@ class RowsSweeper(Sweeper):
     ) -> None:
         self.table = table
         self.scale = scale
-        self.rows = list(rows) if rows else None
+        from tensormask.tables.plan import flag, name_list
+
+        self.rows = name_list("rows", rows) or None  # rows=natural: a list of one
         self.seeds = seeds
-        self.dry_run = dry_run
+        self.dry_run = flag("dry_run", dry_run)  # force=no must not retrain every finished run
         self.on_stale = on_stale
-        self.force = force
+        self.force = flag("force", force)
         self.runs_dir = runs_dir
         self.plan_file = plan_file
         self.sweeps_dir = sweeps_dir

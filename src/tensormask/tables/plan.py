@@ -93,12 +93,34 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
+def flag(name: str, value: Any) -> bool:
+    """A true/false option (``dry_run``, ``force``, ...): anything else is refused, naming it (a typo such
+    as ``force=no`` is the string "no", which Python would take as true and retrain every run)."""
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{name}={value!r}: must be true or false")
+
+
+def name_list(name: str, value: Any) -> list[str] | None:
+    """``rows=natural`` (one name) or ``rows=[natural,aligned]`` -> a list of names; null -> None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Sequence) or OmegaConf.is_list(value):
+        return [str(v) for v in value]
+    raise ConfigError(f"{name}={value!r}: give a name or a list of names, e.g. {name}=[a,b]")
+
+
 def seed_list(seeds: int | Sequence[int]) -> list[int]:
     """``seeds=3`` -> [0, 1, 2]; a list is taken as given."""
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         if seeds < 1:
             raise ConfigError(f"seeds={seeds}: give a positive number of seeds, or a list of seeds")
         return list(range(seeds))
+    if isinstance(seeds, (str, bool, float)) or not (isinstance(seeds, Sequence) or OmegaConf.is_list(seeds)) or \
+            not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"seeds={seeds!r}: give a number of seeds (seeds=3) or a list of integer seeds (seeds=[0,7])")
     values = [int(s) for s in seeds]
     if not values or len(set(values)) != len(values):
         raise ConfigError(f"seeds={list(seeds)}: give distinct seeds")
