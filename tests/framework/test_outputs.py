@@ -55,6 +55,7 @@ def test_checkpoint_names_differ_per_checkpoint_and_are_shell_safe(tmp_path):
 def _run(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "WANDB_MODE": "disabled"}
     env.pop("HYDRA_FULL_ERROR", None)
+    env.pop("TENSORMASK_OUTPUT_DIR", None)  # the default place, ./outputs, is what these tests check
     done = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
