@@ -93,7 +93,20 @@ def write_export(model: torch.nn.Module, metadata: dict[str, Any], out_dir: str 
     return paths
 
 
+def _check_keys(cfg: DictConfig) -> None:
+    """export.yaml's own keys, before the (minutes-long) export: aoti=no is the string "no", not false."""
+    if not isinstance(cfg.aoti, bool):
+        raise UserError(f"aoti={cfg.aoti!r}: must be true or false")
+    if isinstance(cfg.max_size, bool) or not isinstance(cfg.max_size, int):
+        raise UserError(f"max_size={cfg.max_size!r}: must be an integer (pixels)")
+    size = cfg.example_size
+    if not OmegaConf.is_list(size) or len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                               for v in size):
+        raise UserError(f"example_size={size!r}: must be [height, width] in pixels, e.g. example_size=[512,512]")
+
+
 def export(cfg: DictConfig) -> dict[str, Path]:
+    _check_keys(cfg)
     if str(cfg.device) not in ("cpu", "cuda"):
         raise UserError(f"device={cfg.device}: expected cpu or cuda")
     if str(cfg.device) == "cuda" and not torch.cuda.is_available():

@@ -113,6 +113,11 @@ def test_export_errors_name_the_culprit(tmp_path, exported):
     with pytest.raises(UserError, match="nope.ckpt"):
         export(compose_config("export", [f"ckpt_path={tmp_path / 'nope.ckpt'}"], tmp_path))
     run = exported[1]["program"].parent.parent  # test resize up to 224 px
+    for bad, named in (("aoti=no", "aoti='no': must be true or false"), ("max_size=big", "max_size='big'"),
+                       ("example_size=512", "example_size=512: must be [height, width]")):
+        with pytest.raises(UserError) as info:
+            export(compose_config("export", [f"ckpt_path={run}", bad], tmp_path / "bad"))
+        assert named in str(info.value)
     with pytest.raises(UserError, match=r"max_size=192: below .*max_size=224: up to 224 px"):
         export(compose_config("export", [f"ckpt_path={run}", "example_size=[160,160]", "max_size=192", "aoti=false"],
                               tmp_path / "small"))
