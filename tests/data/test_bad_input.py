@@ -155,15 +155,26 @@ def test_every_bad_input_error_is_a_users_mistake(coco_writer, tmp_path):
         CocoInstances(tmp_path / "nothere", ann, train=True)
 
 
-def test_skipped_segmentations_do_not_break_evaluation(coco_writer):
-    # box-only annotations as some tools export them ("segmentation": []) and short polygons: skipped
-    # for training, and the evaluation's ground truth (`dataset.coco`) holds the same cleaned data,
-    # so COCO's segm evaluation (which rasterises every ground-truth mask) does not fail on them
+def _ground_truth_as_detections(ds) -> dict:
+    """COCO metrics of the data set's own ground truth given as the detections (score 1): AP 1 if evaluated right."""
     import torch
 
     from tensormask.evaluation import COCOEvaluator
     from tensormask.structures import Detections
 
+    evaluator = COCOEvaluator(ds.coco, ds.contiguous_to_coco)
+    for i in range(len(ds)):
+        item = ds[i]
+        evaluator.process([item["image_id"]], [Detections(item["boxes"].as_subclass(torch.Tensor),
+                                                          torch.ones(len(item["labels"])), item["labels"],
+                                                          item["masks"].as_subclass(torch.Tensor).bool())])
+    return evaluator.evaluate()
+
+
+def test_skipped_segmentations_do_not_break_evaluation(coco_writer):
+    # box-only annotations as some tools export them ("segmentation": []) and short polygons: skipped
+    # for training, and the evaluation's ground truth (`dataset.coco`) holds the same cleaned data,
+    # so COCO's segm evaluation (which rasterises every ground-truth mask) does not fail on them
     _good(coco_writer)
     coco_writer.add_ann(201, 1, 5, [], bbox=[1.0, 1.0, 4.0, 4.0])
     coco_writer.add_ann(202, 2, 5, [[1.0, 1.0]], bbox=[1.0, 1.0, 4.0, 1.0])
@@ -174,24 +185,13 @@ def test_skipped_segmentations_do_not_break_evaluation(coco_writer):
         ds = CocoInstances(image_dir, ann, train=False)
     assert sorted(ds.coco.anns) == [101, 102, 203]
     assert ds.coco.anns[203]["segmentation"] == [SQUARE[0]]
-    evaluator = COCOEvaluator(ds.coco, ds.contiguous_to_coco)
-    for i in range(len(ds)):
-        item = ds[i]
-        evaluator.process([item["image_id"]], [Detections(item["boxes"].as_subclass(torch.Tensor),
-                                                          torch.ones(len(item["labels"])), item["labels"],
-                                                          item["masks"].as_subclass(torch.Tensor).bool())])
-    metrics = evaluator.evaluate()
+    metrics = _ground_truth_as_detections(ds)
     assert metrics["segm"]["AP"] == pytest.approx(1.0) and metrics["bbox"]["AP"] == pytest.approx(1.0)
 
 
 def test_annotations_without_area_or_iscrowd_are_evaluated(coco_writer):
     # files from tools that leave out COCO's "area" and "iscrowd" (which COCOeval reads for every
     # ground-truth object): the evaluation's ground truth gets the mask's area and iscrowd 0
-    import torch
-
-    from tensormask.evaluation import COCOEvaluator
-    from tensormask.structures import Detections
-
     _good(coco_writer)
     coco_writer.add_ann(201, 2, 10, {"size": [20, 30], "counts": [22, 4, 16, 4, 16, 4, 534]}, bbox=[1.0, 2.0, 3.0, 4.0])
     for a in coco_writer.data["annotations"]:
@@ -200,13 +200,7 @@ def test_annotations_without_area_or_iscrowd_are_evaluated(coco_writer):
     ds = CocoInstances(image_dir, ann, train=False)
     assert ds.coco.anns[101]["area"] == 100.0 and ds.coco.anns[201]["area"] == 12.0
     assert all(a["iscrowd"] == 0 for a in ds.coco.anns.values())
-    evaluator = COCOEvaluator(ds.coco, ds.contiguous_to_coco)
-    for i in range(len(ds)):
-        item = ds[i]
-        evaluator.process([item["image_id"]], [Detections(item["boxes"].as_subclass(torch.Tensor),
-                                                          torch.ones(len(item["labels"])), item["labels"],
-                                                          item["masks"].as_subclass(torch.Tensor).bool())])
-    assert evaluator.evaluate()["segm"]["AP"] == pytest.approx(1.0)
+    assert _ground_truth_as_detections(ds)["segm"]["AP"] == pytest.approx(1.0)
 
 
 def test_missing_files_named_with_windows_separators_say_so(coco_writer):
