@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from tensormask.data.images import list_images, read_image
-from tensormask.errors import UserError
+from tensormask.errors import UserError, check_writable_folder
 from tensormask.structures import Detections
 
 DEPLOY_JSON = "deploy.json"
@@ -185,16 +185,9 @@ class ExportedModel:
 
 def _check_writable(output: Path) -> None:
     """``--output`` names a file that can be written (its folder is made); a UserError naming it otherwise."""
-    import tempfile
-
     if output.is_dir():
         raise UserError(f"--output {output}: a folder; give the results file, e.g. {output / 'predictions.json'}")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=".write_check"):
-            pass
-    except OSError as e:
-        raise UserError(f"--output {output}: cannot write there ({e.strerror or e})") from None
+    check_writable_folder(output.parent, f"--output {output}")
 
 
 def predict_folder(folder: str | Path, images: str | Path, output: str | Path, use_program: bool = False) -> list[dict]:

@@ -30,7 +30,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tensormask.errors import UserError
+from tensormask.errors import UserError, check_writable_folder
 from tensormask.tables import (
     RowResult,
     TableSpec,
@@ -201,18 +201,6 @@ def log_to_wandb(spec: TableSpec, results: list[RowResult], cfg: DictConfig) -> 
         run.finish()
 
 
-def _check_results_dir(out: Path) -> None:
-    """`results_dir` can hold the tables (made if missing); a UserError naming it otherwise."""
-    import tempfile
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_check"):
-            pass
-    except OSError as e:
-        raise UserError(f"results_dir={out}: cannot write the tables there ({e.strerror or e})") from None
-
-
 def _check_options(cfg: DictConfig) -> None:
     """Refuse a flag that is not true/false and seeds that are not seeds, naming them, before anything runs;
     a single name for a list option (``rows=natural``, ``"train_overrides=trainer=gpu"``) is a list of one."""
@@ -241,7 +229,8 @@ def reproduce(cfg: DictConfig) -> list[RowResult]:
     if _PLAN_FILE.is_file():
         _PLAN_FILE.unlink()
     if not cfg.dry_run:  # the tables are written after every training: a wrong results_dir must stop it now
-        _check_results_dir(Path(cfg.results_dir).expanduser())
+        out = Path(cfg.results_dir).expanduser()
+        check_writable_folder(out, f"results_dir={out}", "the tables ")
     arguments = multirun_arguments(cfg)
     log.info("tensormask-train %s", " ".join(arguments))
     run_multirun(arguments)

@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from tensormask.errors import MissingFileError, UserError
+from tensormask.errors import MissingFileError, UserError, error_chain
 
 log = logging.getLogger(__name__)
 
@@ -302,10 +302,7 @@ class StepCheckpoint(ModelCheckpoint):
         trained since the previous checkpoint, and `ckpt_path=last` resumes there once the file is
         fixed (docs/framework.md "What survives a fault"). One process only: a save is collective
         across the processes of a distributed run, which the others, not failing, never join."""
-        chain, seen = [], exception
-        while seen is not None and seen not in chain:
-            chain.append(seen)
-            seen = seen.__cause__ or seen.__context__
+        chain = list(error_chain(exception))
         if (not any(isinstance(e, UserError) for e in chain) or any(isinstance(e, CheckpointError) for e in chain)
                 or trainer.state.fn != "fit" or trainer.sanity_checking or trainer.world_size != 1
                 or self.dirpath is None or trainer.global_step == 0

@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tensormask import resources
-from tensormask.errors import UserError
+from tensormask.errors import UserError, error_chain
 
 USER_ERROR_EXIT = 2
 
@@ -131,14 +131,6 @@ def full_errors_wanted() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR", "").strip().lower() in {"1", "true", "yes"}
 
 
-def _chain(err: BaseException):
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
-
-
 def _all_keys(node: Any, prefix: str = "") -> list[str]:
     keys = []
     if isinstance(node, DictConfig):
@@ -201,7 +193,7 @@ def user_error_message(err: BaseException) -> str | None:
         MissingMandatoryValue, ValidationError,
     )
 
-    chain = list(_chain(err))
+    chain = list(error_chain(err))
     for e in chain:
         if isinstance(e, UserError):
             return error_text(e)
